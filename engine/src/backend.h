@@ -1,0 +1,40 @@
+// Internal interface between the Engine (timing, validation, tail handling) and a backend (the pictures).
+// SPDX-License-Identifier: LGPL-2.1-or-later
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "liveavatar/engine.h"
+
+namespace liveavatar {
+
+/// A packed RGB8 image owned by the engine.
+struct RgbImage {
+  int width = 0;
+  int height = 0;
+  std::vector<uint8_t> data;  // stride = width * 3
+};
+
+/// Thread-safety: used by one Engine, never concurrently.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  /// New portrait and output size. Appends user-facing warnings (e.g. no face found) to *warnings.
+  virtual void set_reference(const RgbImage& image, Size output, std::vector<std::string>* warnings) = 0;
+  virtual void set_output_size(Size output) = 0;
+  virtual FaceLayout face_layout() const = 0;
+  /// Audio of `frames` whole frames (frames * samples_per_frame samples), in stream order.
+  virtual void push_audio_frames(const float* samples, int frames) = 0;
+  /// Renders the next frame whose audio has been pushed; false when none is pending.
+  virtual bool render_next(Frame* frame) = 0;
+  /// End of stream: every frame < total_frames must become renderable (a block backend pads its last block).
+  virtual void finish(int64_t total_frames) { (void)total_frames; }
+  /// New stream, same reference.
+  virtual void reset() = 0;
+};
+
+std::unique_ptr<Backend> make_puppet_backend(const EngineConfig& config);
+
+}  // namespace liveavatar

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Installs everything gst-liveavatar needs on a fresh Debian 12 machine, then configures build/.
+# Idempotent: a second run only checks. Run as root or with sudo available.
+#   scripts/setup.sh            Debian packages + venv with LibTorch + meson configure
+#   SKIP_APT=1 scripts/setup.sh skip the package step (packages already present)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0   # keep in step with the GPU machines (DESIGN.md section 5)
+VENV=.venv
+BUILD=build
+
+say() { printf '[setup] %s\n' "$*"; }
+
+APT_PACKAGES=(
+  # toolchain
+  g++ meson ninja-build pkg-config ccache python3 python3-venv
+  # GStreamer: headers, check library, plugins used by the pipelines and tests, tools
+  libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-tools
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+  gstreamer1.0-plugins-ugly gstreamer1.0-libav
+  # puppet backend: OpenCV image ops + Haar cascades
+  libopencv-core-dev libopencv-imgproc-dev libopencv-objdetect-dev opencv-data
+  # engine tools and tests: PNG / WAV I/O, JSON, GoogleTest
+  libpng-dev libsndfile1-dev nlohmann-json3-dev libgtest-dev googletest
+  # checks: ffprobe, an RTMP server for the streaming test
+  ffmpeg nginx libnginx-mod-rtmp
+)
+
+if [ "${SKIP_APT:-0}" != 1 ]; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    say "installing ${#missing[@]} Debian packages: ${missing[*]}"
+    $SUDO apt-get update -q
+    # nginx must not start a system-wide server: the RTMP test runs its own on loopback.
+    $SUDO env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -q --no-install-recommends "${missing[@]}"
+  else
+    say "Debian packages present"
+  fi
+fi
+
+# LibTorch comes from the pinned PyPI wheel (its torch/include + torch/lib). --no-deps: the engine links the CPU
+# libraries; the CUDA runtime wheels are only needed on GPU machines, where the toolkit provides them.
+if [ ! -f "$VENV/.torch-$TORCH_VERSION" ]; then
+  say "creating $VENV with torch==$TORCH_VERSION (about 530 MB download, a few minutes)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --progress-bar off --no-deps "torch==$TORCH_VERSION"
+  touch "$VENV/.torch-$TORCH_VERSION"
+else
+  say "LibTorch $TORCH_VERSION present in $VENV"
+fi
+
+if [ ! -f "$BUILD/build.ninja" ]; then
+  say "configuring $BUILD/"
+  meson setup "$BUILD" --buildtype=release -Dlibtorch_dir="$VENV" 
+else
+  say "$BUILD/ already configured"
+fi
