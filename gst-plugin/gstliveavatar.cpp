@@ -1,0 +1,817 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
+/**
+ * SECTION:element-liveavatar
+ *
+ * Turns one portrait (the `image` pad) and a stream of speech (the `audio` pad) into raw video of that person
+ * talking, at 25 frames per second.
+ *
+ * - `image`: any raw video; a still picture (one buffer then EOS, or imagefreeze) is kept as the reference, a later
+ *   buffer with different content replaces it.
+ * - `audio`: F32LE mono 16 kHz (put audioconvert ! audioresample in front).
+ * - `src`: RGB or I420 at `width`x`height` (default: from the portrait, multiples of 16), 25/1.
+ *
+ * Frame n covers the audio [n/25 s, (n+1)/25 s) of the audio segment and is stamped segment start + n/25 s. With
+ * non-live input the element runs as fast as it can and the video is exactly as long as the audio. With live input
+ * frames follow the clock: the element adds one frame (40 ms) of latency, and when audio is late or missing it keeps
+ * the avatar idling (mouth closed, blinking, breathing) instead of stalling; audio that arrives after its frame was
+ * shown is dropped. Add latency for slow sources with the aggregator's `latency` property.
+ *
+ * ## Example launch line
+ * |[
+ * gst-launch-1.0 filesrc location=portrait.png ! pngdec ! videoconvert ! la.image \
+ *   filesrc location=speech.wav ! wavparse ! audioconvert ! audioresample ! la.audio \
+ *   liveavatar name=la ! videoconvert ! x264enc ! mp4mux ! filesink location=talk.mp4
+ * ]|
+ */
+#include "gstliveavatar.h"
+
+#include <gst/audio/audio.h>
+#include <gst/video/video.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "liveavatar/engine.h"
+
+GST_DEBUG_CATEGORY_STATIC(gst_live_avatar_debug);
+#define GST_CAT_DEFAULT gst_live_avatar_debug
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pad templates
+#define IMAGE_FORMATS \
+  "{ RGB, BGR, RGBA, BGRA, ARGB, ABGR, RGBx, BGRx, xRGB, xBGR, GRAY8, I420, YV12, NV12, NV21, Y444, Y42B, YUY2, UYVY }"
+
+static GstStaticPadTemplate image_template = GST_STATIC_PAD_TEMPLATE(
+    "image", GST_PAD_SINK, GST_PAD_ALWAYS, GST_STATIC_CAPS(GST_VIDEO_CAPS_MAKE(IMAGE_FORMATS)));
+
+static GstStaticPadTemplate audio_template =
+    GST_STATIC_PAD_TEMPLATE("audio", GST_PAD_SINK, GST_PAD_ALWAYS,
+                            GST_STATIC_CAPS("audio/x-raw, format = (string) F32LE, rate = (int) 16000, "
+                                            "channels = (int) 1, layout = (string) interleaved"));
+
+static GstStaticPadTemplate src_template =
+    GST_STATIC_PAD_TEMPLATE("src", GST_PAD_SRC, GST_PAD_ALWAYS,
+                            GST_STATIC_CAPS("video/x-raw, format = (string) { RGB, I420 }, "
+                                            "width = (int) [ 64, 8192 ], height = (int) [ 64, 8192 ], "
+                                            "framerate = (fraction) 25/1, pixel-aspect-ratio = (fraction) 1/1"));
+
+// ---------------------------------------------------------------------------------------------------------------
+// Type
+G_DEFINE_TYPE(GstLiveAvatar, gst_live_avatar, GST_TYPE_AGGREGATOR)
+GST_ELEMENT_REGISTER_DEFINE(liveavatar, "liveavatar", GST_RANK_NONE, GST_TYPE_LIVE_AVATAR)
+
+enum {
+  PROP_0,
+  PROP_BACKEND,
+  PROP_WIDTH,
+  PROP_HEIGHT,
+  PROP_SEED,
+  PROP_MOUTH_BOX,
+};
+
+enum GstLiveAvatarBackend { GST_LIVE_AVATAR_BACKEND_PUPPET = 0 };
+
+#define DEFAULT_BACKEND GST_LIVE_AVATAR_BACKEND_PUPPET
+#define DEFAULT_WIDTH 0
+#define DEFAULT_HEIGHT 0
+#define DEFAULT_SEED 0
+#define DEFAULT_MOUTH_BOX ""
+
+static constexpr int kFpsN = 25;
+static constexpr int kFpsD = 1;
+static constexpr int kRate = 16000;
+static constexpr int kMaxImageSide = 4096;  // larger portraits are scaled down on arrival
+static const GstClockTime kFrameDuration = GST_SECOND * kFpsD / kFpsN;
+
+GType gst_live_avatar_backend_get_type(void) {
+  static GType type = 0;
+  static const GEnumValue values[] = {
+      {GST_LIVE_AVATAR_BACKEND_PUPPET, "Puppet: animates the portrait on the CPU, no model weights", "puppet"},
+      {0, nullptr, nullptr}};
+  if (g_once_init_enter(&type)) {
+    GType t = g_enum_register_static("GstLiveAvatarBackend", values);
+    g_once_init_leave(&type, t);
+  }
+  return type;
+}
+
+// Properties, copied under GST_OBJECT_LOCK; a snapshot is taken at READY->PAUSED.
+struct Settings {
+  GstLiveAvatarBackend backend = DEFAULT_BACKEND;
+  int width = DEFAULT_WIDTH;
+  int height = DEFAULT_HEIGHT;
+  guint64 seed = DEFAULT_SEED;
+  std::string mouth_box = DEFAULT_MOUTH_BOX;
+};
+
+// Runtime state, touched only by the aggregate thread (and start/stop while that thread is stopped).
+struct State {
+  std::unique_ptr<liveavatar::Engine> engine;
+  bool have_reference = false;
+  GstBuffer* last_image = nullptr;  // to skip re-sending an identical picture (imagefreeze)
+  GstVideoInfo out_info;
+  bool out_negotiated = false;
+  GstVideoConverter* to_i420 = nullptr;
+  GstSegment audio_segment;  // the audio segment the timeline below belongs to
+  bool have_segment = false;
+  GstClockTime origin_rt = GST_CLOCK_TIME_NONE;  // running time of frame 0 / sample 0
+  gint64 frames_out = 0;
+  bool warned_no_image = false;
+  bool finished = false;
+
+  void clear_stream() {
+    origin_rt = GST_CLOCK_TIME_NONE;
+    frames_out = 0;
+    finished = false;
+    if (engine) engine->reset();
+  }
+};
+
+struct _GstLiveAvatarPrivate {
+  Settings settings;
+  State state;
+  std::atomic<bool> need_reset{false};  // set by flushes, handled by the aggregate thread
+  bool live = false;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Helpers
+
+static bool parse_mouth_box(const std::string& text, liveavatar::Rect* r) {
+  if (text.empty()) {
+    *r = {};
+    return true;
+  }
+  int v[4];
+  char tail;
+  if (sscanf(text.c_str(), "%d,%d,%d,%d%c", &v[0], &v[1], &v[2], &v[3], &tail) != 4) return false;
+  if (v[0] < 0 || v[1] < 0 || v[2] <= 0 || v[3] <= 0) return false;
+  *r = {v[0], v[1], v[2], v[3]};
+  return true;
+}
+
+// Converts an image buffer with the pad's caps to packed RGB, scaling huge pictures down. Returns false (with an
+// element error posted) when the caps are unusable.
+static bool image_to_rgb(GstLiveAvatar* self, GstBuffer* buf, std::vector<uint8_t>* rgb, int* w, int* h) {
+  GstCaps* caps = gst_pad_get_current_caps(GST_PAD(self->image_pad));
+  GstVideoInfo in;
+  bool ok = caps && gst_video_info_from_caps(&in, caps);
+  if (caps) gst_caps_unref(caps);
+  if (!ok) {
+    GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("The image pad received a picture without usable caps."),
+                      ("put videoconvert before the image pad"));
+    return false;
+  }
+  int ow = GST_VIDEO_INFO_WIDTH(&in), oh = GST_VIDEO_INFO_HEIGHT(&in);
+  if (std::max(ow, oh) > kMaxImageSide) {
+    const double s = static_cast<double>(kMaxImageSide) / std::max(ow, oh);
+    ow = std::max(1, static_cast<int>(ow * s));
+    oh = std::max(1, static_cast<int>(oh * s));
+  }
+  GstVideoInfo out;
+  gst_video_info_set_format(&out, GST_VIDEO_FORMAT_RGB, ow, oh);
+  GstVideoFrame inf, outf;
+  if (!gst_video_frame_map(&inf, &in, buf, GST_MAP_READ)) {
+    GST_ELEMENT_ERROR(self, STREAM, DECODE, ("The image buffer is smaller than its caps say."),
+                      ("%" GST_PTR_FORMAT, buf));
+    return false;
+  }
+  GstBuffer* outbuf = gst_buffer_new_allocate(nullptr, GST_VIDEO_INFO_SIZE(&out), nullptr);
+  gst_video_frame_map(&outf, &out, outbuf, GST_MAP_WRITE);
+  GstVideoConverter* conv = gst_video_converter_new(&in, &out, nullptr);
+  gst_video_converter_frame(conv, &inf, &outf);
+  gst_video_converter_free(conv);
+  rgb->resize(static_cast<size_t>(ow) * oh * 3);
+  const guint8* src = static_cast<const guint8*>(GST_VIDEO_FRAME_PLANE_DATA(&outf, 0));
+  const int stride = GST_VIDEO_FRAME_PLANE_STRIDE(&outf, 0);
+  for (int y = 0; y < oh; ++y) memcpy(rgb->data() + static_cast<size_t>(y) * ow * 3, src + y * stride, ow * 3);
+  gst_video_frame_unmap(&outf);
+  gst_video_frame_unmap(&inf);
+  gst_buffer_unref(outbuf);
+  *w = ow;
+  *h = oh;
+  return true;
+}
+
+static bool same_image(GstBuffer* a, GstBuffer* b) {
+  if (!a || !b) return false;
+  if (a == b) return true;
+  if (gst_buffer_get_size(a) != gst_buffer_get_size(b)) return false;
+  GstMapInfo ma, mb;
+  if (!gst_buffer_map(a, &ma, GST_MAP_READ)) return false;
+  bool same = false;
+  if (gst_buffer_map(b, &mb, GST_MAP_READ)) {
+    same = ma.data == mb.data || memcmp(ma.data, mb.data, ma.size) == 0;
+    gst_buffer_unmap(b, &mb);
+  }
+  gst_buffer_unmap(a, &ma);
+  return same;
+}
+
+// Negotiates the output caps around the size the engine wants (or the width/height properties).
+static bool negotiate_output(GstLiveAvatar* self) {
+  GstAggregator* agg = GST_AGGREGATOR(self);
+  if (!gst_aggregator_negotiate(agg)) {
+    GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Downstream does not accept the avatar video."),
+                      ("liveavatar outputs RGB or I420 at 25/1; add videoconvert/videoscale after it"));
+    return false;
+  }
+  return self->priv->state.out_negotiated;
+}
+
+// One frame from the engine -> a timestamped buffer downstream.
+static GstFlowReturn push_frame(GstLiveAvatar* self, const liveavatar::Frame& f) {
+  State& st = self->priv->state;
+  GstAggregator* agg = GST_AGGREGATOR(self);
+  const GstVideoInfo* info = &st.out_info;
+  if (f.width != GST_VIDEO_INFO_WIDTH(info) || f.height != GST_VIDEO_INFO_HEIGHT(info)) {
+    GST_ELEMENT_ERROR(self, CORE, FAILED, ("Internal error: frame size does not match the caps."),
+                      ("frame %dx%d, caps %dx%d", f.width, f.height, GST_VIDEO_INFO_WIDTH(info),
+                       GST_VIDEO_INFO_HEIGHT(info)));
+    return GST_FLOW_ERROR;
+  }
+  GstBuffer* buf = gst_buffer_new_allocate(nullptr, GST_VIDEO_INFO_SIZE(info), nullptr);
+  GstVideoFrame vf;
+  gst_video_frame_map(&vf, info, buf, GST_MAP_WRITE);
+  if (GST_VIDEO_INFO_FORMAT(info) == GST_VIDEO_FORMAT_RGB) {
+    guint8* dst = static_cast<guint8*>(GST_VIDEO_FRAME_PLANE_DATA(&vf, 0));
+    const int stride = GST_VIDEO_FRAME_PLANE_STRIDE(&vf, 0);
+    for (int y = 0; y < f.height; ++y) memcpy(dst + y * stride, f.rgb.data() + static_cast<size_t>(y) * f.width * 3,
+                                              static_cast<size_t>(f.width) * 3);
+  } else {
+    // Wrap the engine's packed RGB (no copy) and convert into the I420 buffer.
+    GstVideoInfo rgb_info;
+    gst_video_info_set_format(&rgb_info, GST_VIDEO_FORMAT_RGB, f.width, f.height);
+    GST_VIDEO_INFO_FPS_N(&rgb_info) = GST_VIDEO_INFO_FPS_N(info);
+    GST_VIDEO_INFO_FPS_D(&rgb_info) = GST_VIDEO_INFO_FPS_D(info);
+    GST_VIDEO_INFO_PLANE_STRIDE(&rgb_info, 0) = f.width * 3;
+    GST_VIDEO_INFO_SIZE(&rgb_info) = f.rgb.size();
+    GstBuffer* rgb = gst_buffer_new_wrapped_full(GST_MEMORY_FLAG_READONLY, const_cast<uint8_t*>(f.rgb.data()),
+                                                 f.rgb.size(), 0, f.rgb.size(), nullptr, nullptr);
+    GstVideoFrame rf;
+    gst_video_frame_map(&rf, &rgb_info, rgb, GST_MAP_READ);
+    if (!st.to_i420) st.to_i420 = gst_video_converter_new(&rgb_info, const_cast<GstVideoInfo*>(info), nullptr);
+    gst_video_converter_frame(st.to_i420, &rf, &vf);
+    gst_video_frame_unmap(&rf);
+    gst_buffer_unref(rgb);
+  }
+  gst_video_frame_unmap(&vf);
+
+  const GstSegment* seg = &GST_AGGREGATOR_PAD(agg->srcpad)->segment;
+  const GstClockTime rt = st.origin_rt + gst_util_uint64_scale(f.index, GST_SECOND * kFpsD, kFpsN);
+  const GstClockTime rt_end = st.origin_rt + gst_util_uint64_scale(f.index + 1, GST_SECOND * kFpsD, kFpsN);
+  const GstClockTime pts = gst_segment_position_from_running_time(seg, GST_FORMAT_TIME, rt);
+  const GstClockTime end = gst_segment_position_from_running_time(seg, GST_FORMAT_TIME, rt_end);
+  GST_BUFFER_PTS(buf) = pts;
+  GST_BUFFER_DTS(buf) = GST_CLOCK_TIME_NONE;
+  GST_BUFFER_DURATION(buf) = GST_CLOCK_TIME_IS_VALID(end) && GST_CLOCK_TIME_IS_VALID(pts) ? end - pts : kFrameDuration;
+  GST_BUFFER_OFFSET(buf) = f.index;
+  GST_BUFFER_OFFSET_END(buf) = f.index + 1;
+  if (f.index == 0) GST_BUFFER_FLAG_SET(buf, GST_BUFFER_FLAG_DISCONT);
+  st.frames_out = f.index + 1;
+  GST_AGGREGATOR_PAD(agg->srcpad)->segment.position = GST_CLOCK_TIME_IS_VALID(end) ? end : pts;
+  GST_LOG_OBJECT(self, "frame %" G_GINT64_FORMAT " pts %" GST_TIME_FORMAT " mouth %.2f", f.index,
+                 GST_TIME_ARGS(pts), f.mouth_open);
+  return gst_aggregator_finish_buffer(agg, buf);
+}
+
+static GstFlowReturn drain_frames(GstLiveAvatar* self) {
+  State& st = self->priv->state;
+  liveavatar::Frame f;
+  while (st.engine->pop_frame(&f)) {
+    GstFlowReturn ret = push_frame(self, f);
+    if (ret != GST_FLOW_OK) return ret;
+    if (self->priv->need_reset.load()) break;  // a flush arrived: stop pushing stale frames
+  }
+  return GST_FLOW_OK;
+}
+
+static void post_engine_warnings(GstLiveAvatar* self) {
+  for (const auto& w : self->priv->state.engine->take_warnings())
+    GST_ELEMENT_WARNING(self, STREAM, FAILED, ("%s", w.c_str()), (nullptr));
+}
+
+// Takes image buffers that are due (at or before the next frame) and makes the newest one the reference.
+static bool consume_images(GstLiveAvatar* self) {
+  State& st = self->priv->state;
+  GstBuffer* buf;
+  while ((buf = gst_aggregator_pad_peek_buffer(self->image_pad))) {
+    bool due = !st.have_reference || !GST_BUFFER_PTS_IS_VALID(buf) || !GST_CLOCK_TIME_IS_VALID(st.origin_rt);
+    if (!due) {
+      GstSegment seg;
+      GST_OBJECT_LOCK(self->image_pad);
+      gst_segment_copy_into(&self->image_pad->segment, &seg);
+      GST_OBJECT_UNLOCK(self->image_pad);
+      const GstClockTime rt = gst_segment_to_running_time(&seg, GST_FORMAT_TIME, GST_BUFFER_PTS(buf));
+      const GstClockTime next = st.origin_rt + gst_util_uint64_scale(st.frames_out, GST_SECOND * kFpsD, kFpsN);
+      due = !GST_CLOCK_TIME_IS_VALID(rt) || rt <= next;
+    }
+    if (!due) {
+      gst_buffer_unref(buf);
+      break;
+    }
+    gst_aggregator_pad_drop_buffer(self->image_pad);
+    if (same_image(st.last_image, buf)) {
+      gst_buffer_unref(buf);
+      continue;
+    }
+    std::vector<uint8_t> rgb;
+    int w = 0, h = 0;
+    if (!image_to_rgb(self, buf, &rgb, &w, &h)) {
+      gst_buffer_unref(buf);
+      return false;
+    }
+    gst_buffer_replace(&st.last_image, buf);
+    gst_buffer_unref(buf);
+    liveavatar::ImageView view;
+    view.data = rgb.data();
+    view.width = w;
+    view.height = h;
+    view.stride = w * 3;
+    view.format = liveavatar::PixelFormat::kRGB8;
+    st.engine->set_reference(view);  // throws liveavatar::Error for unusable pictures
+    post_engine_warnings(self);
+    GST_INFO_OBJECT(self, "reference %dx%d, output %dx%d", w, h, st.engine->output_size().width,
+                    st.engine->output_size().height);
+    if (!st.have_reference) {
+      st.have_reference = true;
+      if (!negotiate_output(self)) return false;
+    }
+  }
+  return true;
+}
+
+// Keeps the output segment and the audio timeline in step with the audio pad's segment.
+static void sync_segment(GstLiveAvatar* self) {
+  State& st = self->priv->state;
+  GstSegment seg;
+  GST_OBJECT_LOCK(self->audio_pad);
+  gst_segment_copy_into(&self->audio_pad->segment, &seg);
+  GST_OBJECT_UNLOCK(self->audio_pad);
+  if (seg.format != GST_FORMAT_TIME) return;
+  if (st.have_segment && gst_segment_is_equal(&seg, &st.audio_segment)) return;
+  GST_DEBUG_OBJECT(self, "audio segment %" GST_SEGMENT_FORMAT, &seg);
+  st.audio_segment = seg;
+  st.have_segment = true;
+  gst_aggregator_update_segment(GST_AGGREGATOR(self), &seg);
+}
+
+// Feeds one audio buffer, filling gaps with silence and dropping audio that overlaps what is already covered.
+static void feed_audio(GstLiveAvatar* self, GstBuffer* buf) {
+  State& st = self->priv->state;
+  const GstSegment* seg = &st.audio_segment;
+  GstClockTime rt = GST_CLOCK_TIME_NONE;
+  if (GST_BUFFER_PTS_IS_VALID(buf)) rt = gst_segment_to_running_time(seg, GST_FORMAT_TIME, GST_BUFFER_PTS(buf));
+
+  if (!GST_CLOCK_TIME_IS_VALID(st.origin_rt)) {
+    // Non-live: frame 0 starts at the segment start, so leading silence is kept. Live: at the first sample.
+    GstClockTime start_rt = gst_segment_to_running_time(seg, GST_FORMAT_TIME, seg->start);
+    st.origin_rt = (!self->priv->live && GST_CLOCK_TIME_IS_VALID(start_rt)) ? start_rt
+                   : GST_CLOCK_TIME_IS_VALID(rt)                               ? rt
+                                                                               : 0;
+    if (GST_CLOCK_TIME_IS_VALID(rt) && rt < st.origin_rt) st.origin_rt = rt;
+  }
+
+  GstMapInfo map;
+  gsize n = 0;
+  const float* samples = nullptr;
+  const bool gap = GST_BUFFER_FLAG_IS_SET(buf, GST_BUFFER_FLAG_GAP) || gst_buffer_get_size(buf) == 0;
+  bool mapped = false;
+  if (!gap && gst_buffer_map(buf, &map, GST_MAP_READ)) {
+    mapped = true;
+    samples = reinterpret_cast<const float*>(map.data);
+    n = map.size / sizeof(float);
+  } else if (GST_BUFFER_DURATION_IS_VALID(buf)) {
+    n = gst_util_uint64_scale_round(GST_BUFFER_DURATION(buf), kRate, GST_SECOND);  // a gap: silence
+  }
+
+  gint64 skip = 0;
+  if (GST_CLOCK_TIME_IS_VALID(rt)) {
+    const gint64 at = rt >= st.origin_rt ? static_cast<gint64>(gst_util_uint64_scale_round(rt - st.origin_rt, kRate,
+                                                                                          GST_SECOND))
+                                         : -static_cast<gint64>(gst_util_uint64_scale_round(st.origin_rt - rt, kRate,
+                                                                                           GST_SECOND));
+    const gint64 have = st.engine->samples_pushed();
+    const gint64 tolerance = kRate / 1000;  // 1 ms of timestamp jitter counts as contiguous
+    if (at > have + tolerance) {
+      GST_DEBUG_OBJECT(self, "audio gap of %" G_GINT64_FORMAT " samples: filling with silence", at - have);
+      st.engine->push_silence(static_cast<size_t>(at - have));
+    } else if (at < have - tolerance) {
+      skip = std::min<gint64>(have - at, static_cast<gint64>(n));
+      GST_DEBUG_OBJECT(self, "dropping %" G_GINT64_FORMAT " samples that arrived after their frame", skip);
+    }
+  }
+  if (static_cast<gint64>(n) > skip) {
+    if (samples)
+      st.engine->push_audio(samples + skip, n - skip);
+    else
+      st.engine->push_silence(n - skip);
+  }
+  if (mapped) gst_buffer_unmap(buf, &map);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Virtual methods
+
+static GstFlowReturn gst_live_avatar_aggregate_impl(GstLiveAvatar* self, gboolean timeout) {
+  GstLiveAvatarPrivate* priv = self->priv;
+  State& st = priv->state;
+
+  if (priv->need_reset.exchange(false)) {
+    GST_DEBUG_OBJECT(self, "flushed: new audio stream");
+    st.clear_stream();
+    st.have_segment = false;
+  }
+  if (st.finished) return GST_FLOW_EOS;
+
+  if (!consume_images(self)) return GST_FLOW_ERROR;
+
+  const bool image_eos = gst_aggregator_pad_is_eos(self->image_pad);
+  if (!st.have_reference) {
+    if (image_eos) {
+      GST_ELEMENT_ERROR(self, STREAM, FAILED,
+                        ("The image pad ended without a picture: the avatar needs a portrait before the audio."),
+                        ("link a still image, e.g. filesrc location=face.png ! pngdec ! videoconvert ! la.image"));
+      return GST_FLOW_ERROR;
+    }
+    // Live audio before any picture: nothing to animate yet; drop it rather than build up latency.
+    GstBuffer* a = gst_aggregator_pad_pop_buffer(self->audio_pad);
+    if (a) {
+      if (!st.warned_no_image) {
+        GST_ELEMENT_WARNING(self, STREAM, FAILED, ("Audio arrived before the portrait; waiting for the image pad."),
+                            (nullptr));
+        st.warned_no_image = true;
+      }
+      gst_buffer_unref(a);
+    } else if (gst_aggregator_pad_is_eos(self->audio_pad)) {
+      GST_ELEMENT_ERROR(self, STREAM, FAILED, ("The audio ended before any portrait arrived on the image pad."),
+                        ("link a still image to the image pad"));
+      return GST_FLOW_ERROR;
+    }
+    return GST_FLOW_OK;
+  }
+
+  sync_segment(self);
+  GstBuffer* buf = gst_aggregator_pad_pop_buffer(self->audio_pad);
+  if (buf) {
+    feed_audio(self, buf);
+    gst_buffer_unref(buf);
+  } else if (timeout && priv->live && GST_CLOCK_TIME_IS_VALID(st.origin_rt)) {
+    // Live and the audio for the next frame is late: idle through that frame with silence.
+    const gint64 want = gst_util_uint64_scale(st.frames_out + 1, static_cast<guint64>(kRate) * kFpsD, kFpsN);
+    const gint64 have = st.engine->samples_pushed();
+    if (want > have) {
+      GST_LOG_OBJECT(self, "audio late: idling frame %" G_GINT64_FORMAT, st.frames_out);
+      st.engine->push_silence(static_cast<size_t>(want - have));
+    }
+  } else if (timeout && priv->live && !GST_CLOCK_TIME_IS_VALID(st.origin_rt)) {
+    // Live with a portrait but no audio yet: start the clock now so the avatar idles.
+    GstClock* clock = gst_element_get_clock(GST_ELEMENT(self));
+    if (clock) {
+      const GstClockTime now = gst_clock_get_time(clock) - gst_element_get_base_time(GST_ELEMENT(self));
+      gst_object_unref(clock);
+      const GstClockTime lat = gst_aggregator_get_latency(GST_AGGREGATOR(self));
+      st.origin_rt = now > lat && GST_CLOCK_TIME_IS_VALID(lat) ? now - lat : 0;
+      if (!st.have_segment) {
+        GstSegment seg;
+        gst_segment_init(&seg, GST_FORMAT_TIME);
+        st.audio_segment = seg;
+        st.have_segment = true;
+        gst_aggregator_update_segment(GST_AGGREGATOR(self), &seg);
+      }
+    }
+  }
+
+  GstFlowReturn ret = drain_frames(self);
+  if (ret != GST_FLOW_OK) return ret;
+
+  if (gst_aggregator_pad_is_eos(self->audio_pad) && !gst_aggregator_pad_has_buffer(self->audio_pad)) {
+    st.engine->finish();
+    ret = drain_frames(self);
+    if (ret != GST_FLOW_OK) return ret;
+    st.finished = true;
+    GST_INFO_OBJECT(self, "audio ended: %" G_GINT64_FORMAT " frames", st.frames_out);
+    return GST_FLOW_EOS;
+  }
+  return GST_FLOW_OK;
+}
+
+static GstFlowReturn gst_live_avatar_aggregate(GstAggregator* agg, gboolean timeout) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  try {
+    return gst_live_avatar_aggregate_impl(self, timeout);
+  } catch (const liveavatar::Error& e) {
+    GST_ELEMENT_ERROR(self, STREAM, FAILED, ("%s", e.what()), (nullptr));
+  } catch (const std::exception& e) {
+    GST_ELEMENT_ERROR(self, CORE, FAILED, ("Internal error in the avatar engine."), ("%s", e.what()));
+  }
+  return GST_FLOW_ERROR;
+}
+
+static GstFlowReturn gst_live_avatar_update_src_caps(GstAggregator* agg, GstCaps* downstream, GstCaps** ret) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  State& st = self->priv->state;
+  if (!st.engine || !st.engine->has_reference()) return GST_AGGREGATOR_FLOW_NEED_DATA;  // size unknown yet
+  int w, h;
+  GST_OBJECT_LOCK(self);
+  w = self->priv->settings.width;
+  h = self->priv->settings.height;
+  GST_OBJECT_UNLOCK(self);
+  GstCaps* caps = gst_caps_copy(downstream);
+  if (w > 0 && h > 0) {
+    GstCaps* fixed = gst_caps_new_simple("video/x-raw", "width", G_TYPE_INT, w, "height", G_TYPE_INT, h, nullptr);
+    GstCaps* both = gst_caps_intersect(caps, fixed);
+    gst_caps_unref(caps);
+    gst_caps_unref(fixed);
+    caps = both;
+  }
+  if (gst_caps_is_empty(caps)) {
+    gst_caps_unref(caps);
+    GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Downstream refuses %dx%d video.", w, h),
+                      ("put videoscale after liveavatar or change the width/height properties"));
+    return GST_FLOW_NOT_NEGOTIATED;
+  }
+  *ret = caps;
+  return GST_FLOW_OK;
+}
+
+static GstCaps* gst_live_avatar_fixate_src_caps(GstAggregator* agg, GstCaps* caps) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  const liveavatar::Size want = self->priv->state.engine->output_size();
+  caps = gst_caps_make_writable(caps);
+  caps = gst_caps_truncate(caps);
+  GstStructure* s = gst_caps_get_structure(caps, 0);
+  gst_structure_fixate_field_string(s, "format", "RGB");
+  gst_structure_fixate_field_nearest_int(s, "width", want.width);
+  gst_structure_fixate_field_nearest_int(s, "height", want.height);
+  gst_structure_fixate_field_nearest_fraction(s, "framerate", kFpsN, kFpsD);
+  gst_structure_fixate_field_nearest_fraction(s, "pixel-aspect-ratio", 1, 1);
+  return gst_caps_fixate(caps);
+}
+
+static gboolean gst_live_avatar_negotiated_src_caps(GstAggregator* agg, GstCaps* caps) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  State& st = self->priv->state;
+  GstVideoInfo info;
+  if (!gst_video_info_from_caps(&info, caps)) return FALSE;
+  try {
+    st.engine->set_output_size({GST_VIDEO_INFO_WIDTH(&info), GST_VIDEO_INFO_HEIGHT(&info)});
+  } catch (const liveavatar::Error& e) {
+    GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("%s", e.what()), ("caps %" GST_PTR_FORMAT, caps));
+    return FALSE;
+  }
+  st.out_info = info;
+  st.out_negotiated = true;
+  if (st.to_i420) {
+    gst_video_converter_free(st.to_i420);
+    st.to_i420 = nullptr;
+  }
+  GST_INFO_OBJECT(self, "output caps %" GST_PTR_FORMAT, caps);
+  return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->negotiated_src_caps(agg, caps);
+}
+
+static GstClockTime gst_live_avatar_get_next_time(GstAggregator* agg) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  const State& st = self->priv->state;
+  if (!st.have_reference) return GST_CLOCK_TIME_NONE;
+  if (!GST_CLOCK_TIME_IS_VALID(st.origin_rt)) {
+    // Live with a portrait and no audio yet: wake up now to start idling.
+    return self->priv->live ? 0 : GST_CLOCK_TIME_NONE;
+  }
+  return st.origin_rt + gst_util_uint64_scale(st.frames_out, GST_SECOND * kFpsD, kFpsN);
+}
+
+static gboolean gst_live_avatar_sink_event(GstAggregator* agg, GstAggregatorPad* pad, GstEvent* event) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_FLUSH_STOP) self->priv->need_reset = true;
+  if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_EOS && !self->priv->state.have_reference &&
+      !gst_pad_is_linked(GST_PAD(self->image_pad))) {
+    GST_ELEMENT_ERROR(self, CORE, PAD, ("The image pad is not linked: the avatar needs a portrait."),
+                      ("link a still image, e.g. filesrc location=face.png ! pngdec ! videoconvert ! la.image"));
+  }
+  return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->sink_event(agg, pad, event);
+}
+
+static GstFlowReturn gst_live_avatar_flush(GstAggregator* agg) {
+  GST_LIVE_AVATAR(agg)->priv->need_reset = true;
+  return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->flush(agg);
+}
+
+static gboolean gst_live_avatar_start(GstAggregator* agg) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  GstLiveAvatarPrivate* priv = self->priv;
+  GST_OBJECT_LOCK(self);
+  const Settings settings = priv->settings;
+  GST_OBJECT_UNLOCK(self);
+
+  liveavatar::EngineConfig config;
+  config.backend = "puppet";
+  config.width = settings.width;
+  config.height = settings.height;
+  config.seed = settings.seed;
+  config.fps_n = kFpsN;
+  config.fps_d = kFpsD;
+  config.sample_rate = kRate;
+  if (!parse_mouth_box(settings.mouth_box, &config.mouth_box)) {
+    GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("mouth-box \"%s\" is not x,y,width,height.",
+                                                  settings.mouth_box.c_str()),
+                      ("example: mouth-box=200,300,80,30 (pixels of the portrait)"));
+    return FALSE;
+  }
+  if ((settings.width == 0) != (settings.height == 0)) {
+    GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("Set both width and height, or neither."), (nullptr));
+    return FALSE;
+  }
+  GstMessage* msg = gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_START, "load",
+                                             "Loading the avatar backend");
+  gst_element_post_message(GST_ELEMENT(self), msg);
+  try {
+    priv->state.engine = liveavatar::Engine::create(config);
+  } catch (const liveavatar::Error& e) {
+    gst_element_post_message(GST_ELEMENT(self), gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_ERROR,
+                                                                         "load", "Loading failed"));
+    GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("%s", e.what()), (nullptr));
+    return FALSE;
+  }
+  gst_element_post_message(GST_ELEMENT(self), gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_COMPLETE,
+                                                                       "load", "Avatar backend ready"));
+  priv->state.have_reference = false;
+  priv->state.out_negotiated = false;
+  priv->state.have_segment = false;
+  priv->state.warned_no_image = false;
+  priv->state.clear_stream();
+  priv->need_reset = false;
+  priv->live = false;
+  // One frame of audio must arrive before its frame can be drawn.
+  gst_aggregator_set_latency(agg, kFrameDuration, kFrameDuration);
+  return TRUE;
+}
+
+static gboolean gst_live_avatar_stop(GstAggregator* agg) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  State& st = self->priv->state;
+  st.engine.reset();
+  gst_buffer_replace(&st.last_image, nullptr);
+  if (st.to_i420) {
+    gst_video_converter_free(st.to_i420);
+    st.to_i420 = nullptr;
+  }
+  st.have_reference = false;
+  st.out_negotiated = false;
+  return TRUE;
+}
+
+static gboolean gst_live_avatar_src_query(GstAggregator* agg, GstQuery* query) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  gboolean ret = GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->src_query(agg, query);
+  if (ret && GST_QUERY_TYPE(query) == GST_QUERY_LATENCY) {
+    gboolean live;
+    gst_query_parse_latency(query, &live, nullptr, nullptr);
+    self->priv->live = live;
+  }
+  return ret;
+}
+
+static void gst_live_avatar_set_property(GObject* object, guint prop_id, const GValue* value, GParamSpec* pspec) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(object);
+  Settings& s = self->priv->settings;
+  GST_OBJECT_LOCK(self);
+  switch (prop_id) {
+    case PROP_BACKEND:
+      s.backend = static_cast<GstLiveAvatarBackend>(g_value_get_enum(value));
+      break;
+    case PROP_WIDTH:
+      s.width = g_value_get_int(value);
+      break;
+    case PROP_HEIGHT:
+      s.height = g_value_get_int(value);
+      break;
+    case PROP_SEED:
+      s.seed = g_value_get_uint64(value);
+      break;
+    case PROP_MOUTH_BOX: {
+      const char* v = g_value_get_string(value);
+      s.mouth_box = v ? v : "";
+      break;
+    }
+    default:
+      G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec);
+      break;
+  }
+  GST_OBJECT_UNLOCK(self);
+}
+
+static void gst_live_avatar_get_property(GObject* object, guint prop_id, GValue* value, GParamSpec* pspec) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(object);
+  const Settings& s = self->priv->settings;
+  GST_OBJECT_LOCK(self);
+  switch (prop_id) {
+    case PROP_BACKEND:
+      g_value_set_enum(value, s.backend);
+      break;
+    case PROP_WIDTH:
+      g_value_set_int(value, s.width);
+      break;
+    case PROP_HEIGHT:
+      g_value_set_int(value, s.height);
+      break;
+    case PROP_SEED:
+      g_value_set_uint64(value, s.seed);
+      break;
+    case PROP_MOUTH_BOX:
+      g_value_set_string(value, s.mouth_box.c_str());
+      break;
+    default:
+      G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec);
+      break;
+  }
+  GST_OBJECT_UNLOCK(self);
+}
+
+static void gst_live_avatar_finalize(GObject* object) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(object);
+  gst_buffer_replace(&self->priv->state.last_image, nullptr);
+  if (self->priv->state.to_i420) gst_video_converter_free(self->priv->state.to_i420);
+  delete self->priv;
+  G_OBJECT_CLASS(gst_live_avatar_parent_class)->finalize(object);
+}
+
+static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
+  GObjectClass* gobject_class = G_OBJECT_CLASS(klass);
+  GstElementClass* element_class = GST_ELEMENT_CLASS(klass);
+  GstAggregatorClass* agg_class = GST_AGGREGATOR_CLASS(klass);
+
+  GST_DEBUG_CATEGORY_INIT(gst_live_avatar_debug, "liveavatar", 0, "portrait + speech -> talking-head video");
+
+  gobject_class->set_property = gst_live_avatar_set_property;
+  gobject_class->get_property = gst_live_avatar_get_property;
+  gobject_class->finalize = gst_live_avatar_finalize;
+
+  const GParamFlags flags = static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS |
+                                                     GST_PARAM_MUTABLE_READY);
+  g_object_class_install_property(
+      gobject_class, PROP_BACKEND,
+      g_param_spec_enum("backend", "Backend", "What animates the portrait (changeable in NULL/READY only)",
+                        GST_TYPE_LIVE_AVATAR_BACKEND, DEFAULT_BACKEND, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_WIDTH,
+      g_param_spec_int("width", "Width",
+                       "Output width; 0 = from the portrait, a multiple of 16 (changeable in NULL/READY only)", 0,
+                       8192, DEFAULT_WIDTH, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_HEIGHT,
+      g_param_spec_int("height", "Height",
+                       "Output height; 0 = from the portrait, a multiple of 16 (changeable in NULL/READY only)", 0,
+                       8192, DEFAULT_HEIGHT, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_SEED,
+      g_param_spec_uint64("seed", "Seed",
+                          "Random seed: the same seed and input give the same video (changeable in NULL/READY only)",
+                          0, G_MAXUINT64, DEFAULT_SEED, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_MOUTH_BOX,
+      g_param_spec_string("mouth-box", "Mouth box",
+                          "Mouth rectangle \"x,y,width,height\" in portrait pixels; empty = found by the face "
+                          "detector (changeable in NULL/READY only)",
+                          DEFAULT_MOUTH_BOX, flags));
+
+  gst_element_class_add_static_pad_template_with_gtype(element_class, &image_template, GST_TYPE_AGGREGATOR_PAD);
+  gst_element_class_add_static_pad_template_with_gtype(element_class, &audio_template, GST_TYPE_AGGREGATOR_PAD);
+  gst_element_class_add_static_pad_template_with_gtype(element_class, &src_template, GST_TYPE_AGGREGATOR_PAD);
+  gst_element_class_set_static_metadata(element_class, "Live avatar", "Mixer/Video/Audio",
+                                        "Animates a portrait from speech: image + audio in, talking-head video out",
+                                        "gst-liveavatar developers");
+
+  agg_class->aggregate = gst_live_avatar_aggregate;
+  agg_class->update_src_caps = gst_live_avatar_update_src_caps;
+  agg_class->fixate_src_caps = gst_live_avatar_fixate_src_caps;
+  agg_class->negotiated_src_caps = gst_live_avatar_negotiated_src_caps;
+  agg_class->get_next_time = gst_live_avatar_get_next_time;
+  agg_class->sink_event = gst_live_avatar_sink_event;
+  agg_class->flush = gst_live_avatar_flush;
+  agg_class->start = gst_live_avatar_start;
+  agg_class->stop = gst_live_avatar_stop;
+  agg_class->src_query = gst_live_avatar_src_query;
+
+  gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_BACKEND, static_cast<GstPluginAPIFlags>(0));
+}
+
+static void gst_live_avatar_init(GstLiveAvatar* self) {
+  GstElementClass* klass = GST_ELEMENT_GET_CLASS(self);
+  self->priv = new GstLiveAvatarPrivate();
+  gst_video_info_init(&self->priv->state.out_info);
+  gst_segment_init(&self->priv->state.audio_segment, GST_FORMAT_TIME);
+
+  auto make_pad = [&](const char* name) {
+    GstPadTemplate* templ = gst_element_class_get_pad_template(klass, name);
+    GstAggregatorPad* pad = GST_AGGREGATOR_PAD(
+        g_object_new(GST_TYPE_AGGREGATOR_PAD, "name", name, "direction", GST_PAD_SINK, "template", templ, nullptr));
+    gst_element_add_pad(GST_ELEMENT(self), GST_PAD(pad));
+    return pad;
+  };
+  self->image_pad = make_pad("image");
+  self->audio_pad = make_pad("audio");
+}
