@@ -146,6 +146,35 @@ class PuppetBackend final : public Backend {
     layout_.mouth = map(ref_layout_.mouth);
     layout_.detected = ref_layout_.detected;
     work_ = base_.clone();
+    pick_mouth_colours();
+  }
+
+  // The mouth interior takes its colour from the portrait: the darkest pixels around the lips, darkened further
+  // (a grey portrait gets a grey mouth). Teeth are hinted only where the portrait shows teeth-like pixels.
+  void pick_mouth_colours() {
+    const Rect& m = layout_.mouth;
+    const cv::Rect box = clip(cv::Rect(m.x, m.y, m.width, m.height), base_);
+    std::vector<std::pair<int, cv::Vec3b>> px;
+    for (int y = box.y; y < box.y + box.height; ++y)
+      for (int x = box.x; x < box.x + box.width; ++x) {
+        const cv::Vec3b p = base_.at<cv::Vec3b>(y, x);
+        px.emplace_back(p[0] * 299 + p[1] * 587 + p[2] * 114, p);
+      }
+    cavity_ = cv::Vec3f(60.f, 22.f, 26.f);
+    teeth_ = cv::Vec3f(0.f, 0.f, 0.f);
+    if (px.size() < 10) return;
+    std::sort(px.begin(), px.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    const size_t n = std::max<size_t>(1, px.size() / 7);
+    cv::Vec3f dark(0, 0, 0), light(0, 0, 0);
+    for (size_t i = 0; i < n; ++i) {
+      dark += cv::Vec3f(px[i].second);
+      light += cv::Vec3f(px[px.size() - 1 - i].second);
+    }
+    dark /= static_cast<float>(n);
+    light /= static_cast<float>(n);
+    cavity_ = dark * 0.55f;
+    const float lmax = std::max({light[0], light[1], light[2]}), lmin = std::min({light[0], light[1], light[2]});
+    if (lmax > 150.f && lmax - lmin < 60.f) teeth_ = light;  // bright and nearly grey: teeth
   }
 
   void render(const FrameState& st, Frame* frame) {
@@ -246,12 +275,10 @@ class PuppetBackend final : public Backend {
         const float wx = raised_cos(std::fabs(x - cx) / (half * 1.1f));
         const float top = ly - 0.15f * d * wx, gap = 1.15f * d * wx;
         const float v = gap > 0 ? (y - top) / gap : 1.f;  // 0 at the upper lip .. 1 at the lower lip
-        const float teeth = gap > 5.f ? (1.f - smoothstep(0.1f, 0.3f, v)) * 0.55f : 0.f;
-        const float shade = 0.55f + 0.45f * v;  // darker towards the throat
-        float col[3] = {70.f / shade, 22.f / shade, 26.f / shade};
-        const float tooth[3] = {205.f, 196.f, 186.f};
+        const float teeth = gap > 5.f && teeth_[0] > 0.f ? (1.f - smoothstep(0.1f, 0.3f, v)) * 0.5f : 0.f;
+        const float shade = 1.25f - 0.5f * v;  // darker towards the throat
         for (int k = 0; k < 3; ++k) {
-          float want = col[k] * (1.f - teeth) + tooth[k] * teeth;
+          const float want = cavity_[k] * shade * (1.f - teeth) + teeth_[k] * teeth;
           px[k] = static_cast<uint8_t>(std::clamp(px[k] * (1.f - a) + want * a, 0.f, 255.f));
         }
       }
@@ -295,6 +322,7 @@ class PuppetBackend final : public Backend {
   FaceLayout ref_layout_;
   cv::Mat base_, work_;
   cv::Mat map_x_, map_y_, alpha_;
+  cv::Vec3f cavity_, teeth_;  // mouth interior colours picked from the portrait
   FaceLayout layout_;
   std::deque<FrameState> pending_;
   int64_t next_audio_index_ = 0;
