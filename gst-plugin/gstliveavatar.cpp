@@ -173,6 +173,8 @@ static bool image_to_rgb(GstLiveAvatar* self, GstBuffer* buf, std::vector<uint8_
   }
   GstVideoInfo out;
   gst_video_info_set_format(&out, GST_VIDEO_FORMAT_RGB, ow, oh);
+  GST_VIDEO_INFO_FPS_N(&out) = GST_VIDEO_INFO_FPS_N(&in);  // the converter insists on equal rates
+  GST_VIDEO_INFO_FPS_D(&out) = GST_VIDEO_INFO_FPS_D(&in);
   GstVideoFrame inf, outf;
   if (!gst_video_frame_map(&inf, &in, buf, GST_MAP_READ)) {
     GST_ELEMENT_ERROR(self, STREAM, DECODE, ("The image buffer is smaller than its caps say."),
@@ -420,6 +422,8 @@ static GstFlowReturn gst_live_avatar_aggregate_impl(GstLiveAvatar* self, gboolea
   GstLiveAvatarPrivate* priv = self->priv;
   State& st = priv->state;
 
+  // Live when a live source is upstream: the aggregator then reports a latency and waits on the clock.
+  priv->live = GST_CLOCK_TIME_IS_VALID(gst_aggregator_get_latency(GST_AGGREGATOR(self)));
   if (priv->need_reset.exchange(false)) {
     GST_DEBUG_OBJECT(self, "flushed: new audio stream");
     st.clear_stream();
@@ -664,17 +668,6 @@ static gboolean gst_live_avatar_stop(GstAggregator* agg) {
   return TRUE;
 }
 
-static gboolean gst_live_avatar_src_query(GstAggregator* agg, GstQuery* query) {
-  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
-  gboolean ret = GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->src_query(agg, query);
-  if (ret && GST_QUERY_TYPE(query) == GST_QUERY_LATENCY) {
-    gboolean live;
-    gst_query_parse_latency(query, &live, nullptr, nullptr);
-    self->priv->live = live;
-  }
-  return ret;
-}
-
 static void gst_live_avatar_set_property(GObject* object, guint prop_id, const GValue* value, GParamSpec* pspec) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(object);
   Settings& s = self->priv->settings;
@@ -794,7 +787,6 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   agg_class->flush = gst_live_avatar_flush;
   agg_class->start = gst_live_avatar_start;
   agg_class->stop = gst_live_avatar_stop;
-  agg_class->src_query = gst_live_avatar_src_query;
 
   gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_BACKEND, static_cast<GstPluginAPIFlags>(0));
 }
