@@ -1,0 +1,99 @@
+// SPDX-License-Identifier: LGPL-2.1-or-later
+#include "mapped_file.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <sstream>
+
+#include "liveavatar/weights.h"
+
+namespace liveavatar::weights {
+
+WeightsError::WeightsError(const std::string& file, const std::string& message)
+    : Error(file.empty() ? message : file + ": " + message), file_(file) {}
+
+namespace detail {
+
+std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, bool populate) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    throw WeightsError(path, std::string("cannot open: ") + std::strerror(errno) +
+                                 ". Check the path and that the file was downloaded completely");
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw WeightsError(path, "not a regular file. Point to the checkpoint file itself");
+  }
+  if (st.st_size == 0) {
+    ::close(fd);
+    throw WeightsError(path, "empty file (0 bytes): the download is incomplete. Download it again");
+  }
+  int flags = MAP_PRIVATE | (populate ? MAP_POPULATE : 0);
+  void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ | PROT_WRITE, flags, fd, 0);
+  int err = errno;
+  ::close(fd);  // the mapping keeps its own reference to the file
+  if (p == MAP_FAILED) {
+    throw WeightsError(path, std::string("cannot map the file: ") + std::strerror(err));
+  }
+  std::shared_ptr<MappedFile> f(new MappedFile());
+  f->data_ = static_cast<uint8_t*>(p);
+  f->size_ = static_cast<uint64_t>(st.st_size);
+  f->mapped_ = true;
+  f->path_ = path;
+  return f;
+}
+
+std::shared_ptr<MappedFile> MappedFile::from_memory(const void* data, size_t size, const std::string& name) {
+  std::shared_ptr<MappedFile> f(new MappedFile());
+  // 64-byte alignment for the copies' tensors: over-allocate and start at an aligned address.
+  f->owned_.resize(size + 64);
+  auto addr = reinterpret_cast<uintptr_t>(f->owned_.data());
+  f->data_ = f->owned_.data() + ((64 - addr % 64) % 64);
+  if (size != 0) std::memcpy(f->data_, data, size);
+  f->size_ = size;
+  f->path_ = name;
+  return f;
+}
+
+MappedFile::~MappedFile() {
+  if (mapped_) ::munmap(data_, static_cast<size_t>(size_));
+}
+
+at::Tensor tensor_from_mapping(const std::shared_ptr<MappedFile>& file, uint64_t offset,
+                               const std::vector<int64_t>& shape, at::ScalarType dtype, bool* copied) {
+  auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  uint8_t* ptr = const_cast<uint8_t*>(file->data()) + offset;
+  size_t item = c10::elementSize(dtype);
+  if (reinterpret_cast<uintptr_t>(ptr) % item == 0) {
+    std::shared_ptr<MappedFile> keep = file;  // the deleter owns a reference: the mapping outlives the tensor
+    return at::from_blob(ptr, shape, [keep](void*) mutable { keep.reset(); }, options);
+  }
+  at::Tensor t = at::empty(shape, options);
+  std::memcpy(t.data_ptr(), ptr, t.nbytes());
+  if (copied) *copied = true;
+  return t;
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::ostringstream s;
+  s << '[';
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << ']';
+  return s.str();
+}
+
+std::string dtype_string(at::ScalarType type) {
+  auto n = safetensors_dtype_name(type);
+  return n ? *n : std::string(c10::toString(type));
+}
+
+}  // namespace detail
+}  // namespace liveavatar::weights
