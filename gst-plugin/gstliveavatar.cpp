@@ -133,6 +133,10 @@ struct State {
 struct _GstLiveAvatarPrivate {
   Settings settings;
   State state;
+  // QoS from downstream (under GST_OBJECT_LOCK): frames ending before earliest_time are reported late.
+  GstClockTime qos_earliest = GST_CLOCK_TIME_NONE;
+  guint64 qos_processed = 0;
+  guint64 qos_late = 0;
   std::atomic<bool> need_reset{false};  // set by flushes, handled by the aggregate thread
   bool live = false;
 };
@@ -224,6 +228,29 @@ static bool negotiate_output(GstLiveAvatar* self) {
   return self->priv->state.out_negotiated;
 }
 
+// Downstream said (QoS event) that buffers before earliest_time arrive too late. Every frame is still pushed, since
+// encoders and muxers need a gap-free timeline, but the lateness is reported with a QoS message so applications can
+// see that the backend does not keep up (and pick a lighter backend or a smaller size).
+static void report_lateness(GstLiveAvatar* self, GstClockTime rt, GstClockTime rt_end, GstClockTime pts) {
+  GstLiveAvatarPrivate* priv = self->priv;
+  GST_OBJECT_LOCK(self);
+  priv->qos_processed++;
+  const bool late = GST_CLOCK_TIME_IS_VALID(priv->qos_earliest) && rt_end <= priv->qos_earliest;
+  if (late) priv->qos_late++;
+  const guint64 processed = priv->qos_processed, late_count = priv->qos_late;
+  GST_OBJECT_UNLOCK(self);
+  if (!late) return;
+  const GstSegment* seg = &GST_AGGREGATOR_PAD(GST_AGGREGATOR(self)->srcpad)->segment;
+  GstMessage* m = gst_message_new_qos(GST_OBJECT(self), priv->live, rt,
+                                      gst_segment_to_stream_time(seg, GST_FORMAT_TIME, pts), pts, rt_end - rt);
+  // Nothing is dropped: "dropped" stays 0 and "processed" counts every frame, late ones included.
+  gst_message_set_qos_stats(m, GST_FORMAT_BUFFERS, processed, 0);
+  gst_message_set_qos_values(m, 0, 1.0, 1000000);
+  GST_DEBUG_OBJECT(self, "frame at %" GST_TIME_FORMAT " is late (%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT ")",
+                   GST_TIME_ARGS(rt), late_count, processed);
+  gst_element_post_message(GST_ELEMENT(self), m);
+}
+
 // One frame from the engine -> a timestamped buffer downstream.
 static GstFlowReturn push_frame(GstLiveAvatar* self, const liveavatar::Frame& f) {
   State& st = self->priv->state;
@@ -274,6 +301,7 @@ static GstFlowReturn push_frame(GstLiveAvatar* self, const liveavatar::Frame& f)
   GST_BUFFER_OFFSET_END(buf) = f.index + 1;
   if (f.index == 0) GST_BUFFER_FLAG_SET(buf, GST_BUFFER_FLAG_DISCONT);
   st.frames_out = f.index + 1;
+  report_lateness(self, rt, rt_end, pts);
   GST_AGGREGATOR_PAD(agg->srcpad)->segment.position = GST_CLOCK_TIME_IS_VALID(end) ? end : pts;
   GST_LOG_OBJECT(self, "frame %" G_GINT64_FORMAT " pts %" GST_TIME_FORMAT " mouth %.2f", f.index,
                  GST_TIME_ARGS(pts), f.mouth_open);
@@ -599,8 +627,35 @@ static gboolean gst_live_avatar_sink_event(GstAggregator* agg, GstAggregatorPad*
   return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->sink_event(agg, pad, event);
 }
 
+static gboolean gst_live_avatar_src_event(GstAggregator* agg, GstEvent* event) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  if (GST_EVENT_TYPE(event) == GST_EVENT_QOS) {
+    GstQOSType type;
+    gdouble proportion;
+    GstClockTimeDiff diff;
+    GstClockTime timestamp;
+    gst_event_parse_qos(event, &type, &proportion, &diff, &timestamp);
+    GST_OBJECT_LOCK(self);
+    // As GstBaseTransform does: a late buffer means the next ones should end after timestamp + 2 * lateness.
+    if (diff > 0)
+      self->priv->qos_earliest = timestamp + 2 * diff;
+    else
+      self->priv->qos_earliest = timestamp + diff;
+    GST_OBJECT_UNLOCK(self);
+  }
+  return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->src_event(agg, event);
+}
+
+static void reset_qos(GstLiveAvatar* self) {
+  GST_OBJECT_LOCK(self);
+  self->priv->qos_earliest = GST_CLOCK_TIME_NONE;
+  self->priv->qos_processed = self->priv->qos_late = 0;
+  GST_OBJECT_UNLOCK(self);
+}
+
 static GstFlowReturn gst_live_avatar_flush(GstAggregator* agg) {
   GST_LIVE_AVATAR(agg)->priv->need_reset = true;
+  reset_qos(GST_LIVE_AVATAR(agg));
   return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->flush(agg);
 }
 
@@ -649,6 +704,7 @@ static gboolean gst_live_avatar_start(GstAggregator* agg) {
   priv->state.clear_stream();
   priv->need_reset = false;
   priv->live = false;
+  reset_qos(self);
   // One frame of audio must arrive before its frame can be drawn.
   gst_aggregator_set_latency(agg, kFrameDuration, kFrameDuration);
   return TRUE;
@@ -785,6 +841,7 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   agg_class->get_next_time = gst_live_avatar_get_next_time;
   agg_class->sink_event = gst_live_avatar_sink_event;
   agg_class->flush = gst_live_avatar_flush;
+  agg_class->src_event = gst_live_avatar_src_event;
   agg_class->start = gst_live_avatar_start;
   agg_class->stop = gst_live_avatar_stop;
 

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -59,6 +60,28 @@ struct Avatar {
   GstHarness* audio = nullptr;
   GstHarness* image = nullptr;
   GstBus* bus = nullptr;
+  // Every message the element posts, collected by a sync handler (the bus has no main loop here).
+  std::mutex mutex;
+  std::vector<GstMessage*> messages;
+
+  static GstBusSyncReply collect(GstBus*, GstMessage* m, gpointer data) {
+    auto* self = static_cast<Avatar*>(data);
+    std::lock_guard<std::mutex> lock(self->mutex);
+    self->messages.push_back(gst_message_ref(m));
+    return GST_BUS_DROP;
+  }
+
+  // Messages of `type` collected so far (new references).
+  std::vector<GstMessage*> take(GstMessageType type) {
+    std::lock_guard<std::mutex> lock(mutex);
+    std::vector<GstMessage*> out;
+    for (auto*& m : messages)
+      if (m && (GST_MESSAGE_TYPE(m) & type)) {
+        out.push_back(m);
+        m = nullptr;
+      }
+    return out;
+  }
 
   explicit Avatar(const char* props = nullptr, bool link_image = true) {
     GstElement* e = gst_element_factory_make("liveavatar", nullptr);
@@ -74,6 +97,7 @@ struct Avatar {
       g_strfreev(kv);
     }
     bus = gst_bus_new();
+    gst_bus_set_sync_handler(bus, collect, this, nullptr);
     gst_element_set_bus(e, bus);
     audio = gst_harness_new_with_element(e, "audio", "src");
     gst_harness_set_live(audio, FALSE);
@@ -87,7 +111,10 @@ struct Avatar {
   ~Avatar() {
     if (image) gst_harness_teardown(image);
     gst_harness_teardown(audio);
+    gst_bus_set_sync_handler(bus, nullptr, nullptr, nullptr);
     gst_object_unref(bus);
+    for (auto* m : messages)
+      if (m) gst_message_unref(m);
   }
 
   void set_image(int w, int h, GstVideoFormat fmt = GST_VIDEO_FORMAT_RGB, bool eos = true) {
@@ -119,9 +146,10 @@ struct Avatar {
         out.push_back(b);
         continue;
       }
-      if (GstMessage* m = gst_bus_pop_filtered(bus, GST_MESSAGE_ERROR)) {
-        gst_message_unref(m);
-        return out;
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        for (auto* m : messages)
+          if (m && GST_MESSAGE_TYPE(m) == GST_MESSAGE_ERROR) return out;
       }
       g_usleep(2000);
     }
@@ -129,8 +157,16 @@ struct Avatar {
 
   // The first error message on the element's bus, within `seconds`.
   std::string wait_error(double seconds = 5) {
-    GstMessage* m = gst_bus_timed_pop_filtered(bus, static_cast<GstClockTime>(seconds * GST_SECOND),
-                                               GST_MESSAGE_ERROR);
+    GstMessage* m = nullptr;
+    for (gint64 end = g_get_monotonic_time() + static_cast<gint64>(seconds * 1e6); g_get_monotonic_time() < end;) {
+      auto errors = take(GST_MESSAGE_ERROR);
+      if (!errors.empty()) {
+        m = errors[0];
+        for (size_t i = 1; i < errors.size(); ++i) gst_message_unref(errors[i]);
+        break;
+      }
+      g_usleep(5000);
+    }
     if (!m) return "";
     GError* err = nullptr;
     gst_message_parse_error(m, &err, nullptr);
@@ -293,6 +329,30 @@ TEST(Element, ZeroLengthAudioGivesNoFramesAndEos) {
   auto frames = a.pull_all();
   EXPECT_EQ(frames.size(), 0u);
   EXPECT_EQ(a.wait_error(0.2), "");
+}
+
+TEST(Element, LatenessIsReportedWithQosAndNoFrameIsDropped) {
+  Avatar a;
+  a.set_image(portrait().width, portrait().height);
+  a.start_audio();
+  // Downstream says buffers up to ~2 s are late.
+  ASSERT_TRUE(gst_harness_push_upstream_event(
+      a.audio, gst_event_new_qos(GST_QOS_TYPE_UNDERFLOW, 0.5, GST_SECOND, 0)));
+  gst_harness_push(a.audio, audio_buffer(0, 16000));
+  gst_harness_push_event(a.audio, gst_event_new_eos());
+  auto frames = a.pull_all();
+  EXPECT_EQ(frames.size(), 25u);
+  int qos = 0;
+  for (GstMessage* m : a.take(GST_MESSAGE_QOS)) {
+    GstFormat fmt;
+    guint64 processed, dropped;
+    gst_message_parse_qos_stats(m, &fmt, &processed, &dropped);
+    EXPECT_EQ(dropped, 0u);
+    ++qos;
+    gst_message_unref(m);
+  }
+  EXPECT_EQ(qos, 25) << "every frame ends before 2 s: all reported late";
+  free_all(frames);
 }
 
 TEST(Element, GrayRgbaAndI420ImagesWork) {
