@@ -605,13 +605,15 @@ static gboolean gst_live_avatar_negotiated_src_caps(GstAggregator* agg, GstCaps*
   return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->negotiated_src_caps(agg, caps);
 }
 
+// Called with the aggregator's SRC_LOCK held: must not call back into GstAggregator API that takes it.
 static GstClockTime gst_live_avatar_get_next_time(GstAggregator* agg) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
   const State& st = self->priv->state;
-  if (!st.have_reference) return GST_CLOCK_TIME_NONE;
   if (!GST_CLOCK_TIME_IS_VALID(st.origin_rt)) {
-    // Live with a portrait and no audio yet: wake up now to start idling.
-    return self->priv->live ? 0 : GST_CLOCK_TIME_NONE;
+    // No audio yet. With a portrait waiting, ask to be woken at once: a live pipeline then starts idling without
+    // audio (a non-live one ignores the time and waits for data as usual).
+    const bool picture = st.have_reference || gst_aggregator_pad_has_buffer(self->image_pad);
+    return picture ? 0 : GST_CLOCK_TIME_NONE;
   }
   return st.origin_rt + gst_util_uint64_scale(st.frames_out, GST_SECOND * kFpsD, kFpsN);
 }

@@ -506,6 +506,40 @@ TEST(ElementLive, IdlesWhenAudioIsLateAndStaysContiguous) {
   gst_object_unref(pipe);
 }
 
+// Live with a portrait and no audio at all yet: the avatar idles from the start instead of waiting.
+TEST(ElementLive, IdlesBeforeAnyAudio) {
+  GError* err = nullptr;
+  GstElement* pipe = gst_parse_launch(
+      "appsrc name=img format=time ! videoconvert ! la.image "
+      "appsrc name=aud is-live=true format=time caps=audio/x-raw,format=F32LE,rate=16000,channels=1,"
+      "layout=interleaved ! la.audio "
+      "liveavatar name=la width=128 height=128 ! appsink name=out sync=true max-buffers=1000",
+      &err);
+  ASSERT_EQ(err, nullptr) << (err ? err->message : "");
+  GstElement* img = gst_bin_get_by_name(GST_BIN(pipe), "img");
+  GstElement* out = gst_bin_get_by_name(GST_BIN(pipe), "out");
+  GstCaps* icaps = gst_caps_from_string("video/x-raw,format=RGB,width=512,height=512,framerate=0/1");
+  gst_app_src_set_caps(GST_APP_SRC(img), icaps);
+  gst_caps_unref(icaps);
+  gst_app_src_push_buffer(GST_APP_SRC(img), image_buffer(512, 512, GST_VIDEO_FORMAT_RGB, 0, &portrait()));
+  gst_app_src_end_of_stream(GST_APP_SRC(img));
+  ASSERT_NE(gst_element_set_state(pipe, GST_STATE_PLAYING), GST_STATE_CHANGE_FAILURE);
+  std::vector<GstClockTime> pts;
+  const gint64 until = g_get_monotonic_time() + 1200000;
+  while (g_get_monotonic_time() < until) {
+    GstSample* s = gst_app_sink_try_pull_sample(GST_APP_SINK(out), 20 * GST_MSECOND);
+    if (!s) continue;
+    pts.push_back(GST_BUFFER_PTS(gst_sample_get_buffer(s)));
+    gst_sample_unref(s);
+  }
+  EXPECT_GE(pts.size(), 20u) << "about 25 idle frames a second";
+  for (size_t i = 1; i < pts.size(); ++i) EXPECT_EQ(pts[i], pts[0] + i * kFrame);
+  gst_element_set_state(pipe, GST_STATE_NULL);
+  gst_object_unref(img);
+  gst_object_unref(out);
+  gst_object_unref(pipe);
+}
+
 int main(int argc, char** argv) {
   gst_init(&argc, &argv);
   ::testing::InitGoogleTest(&argc, argv);
