@@ -655,6 +655,32 @@ static void reset_qos(GstLiveAvatar* self) {
   GST_OBJECT_UNLOCK(self);
 }
 
+// Caps a sink pad refuses fail upstream as a bare "not-negotiated"; say here what to put in front instead.
+static gboolean gst_live_avatar_sink_query(GstAggregator* agg, GstAggregatorPad* pad, GstQuery* query) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  gboolean ret = GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->sink_query(agg, pad, query);
+  if (GST_QUERY_TYPE(query) == GST_QUERY_ACCEPT_CAPS) {
+    gboolean accepted = FALSE;
+    GstCaps* caps = nullptr;
+    gst_query_parse_accept_caps(query, &caps);
+    gst_query_parse_accept_caps_result(query, &accepted);
+    if (!accepted) {
+      gchar* text = gst_caps_to_string(caps);
+      if (pad == self->audio_pad)
+        GST_ELEMENT_WARNING(self, CORE, NEGOTIATION,
+                            ("The audio pad needs F32LE mono 16000 Hz audio; put audioconvert ! audioresample in "
+                             "front of it."),
+                            ("refused caps %s", text));
+      else
+        GST_ELEMENT_WARNING(self, CORE, NEGOTIATION,
+                            ("The image pad needs raw video (RGB, GRAY8, I420, ...); put videoconvert in front of it."),
+                            ("refused caps %s", text));
+      g_free(text);
+    }
+  }
+  return ret;
+}
+
 static GstFlowReturn gst_live_avatar_flush(GstAggregator* agg) {
   GST_LIVE_AVATAR(agg)->priv->need_reset = true;
   reset_qos(GST_LIVE_AVATAR(agg));
@@ -844,6 +870,7 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   agg_class->sink_event = gst_live_avatar_sink_event;
   agg_class->flush = gst_live_avatar_flush;
   agg_class->src_event = gst_live_avatar_src_event;
+  agg_class->sink_query = gst_live_avatar_sink_query;
   agg_class->start = gst_live_avatar_start;
   agg_class->stop = gst_live_avatar_stop;
 

@@ -396,6 +396,21 @@ TEST(Element, UnlinkedImagePadIsAClearError) {
   EXPECT_NE(err.find("image pad is not linked"), std::string::npos) << err;
 }
 
+TEST(Element, UnsupportedAudioCapsSayWhatToAdd) {
+  Avatar a;
+  a.set_image(portrait().width, portrait().height);
+  gst_harness_set_src_caps_str(a.audio, "audio/x-raw,format=S16LE,rate=44100,channels=2,layout=interleaved");
+  bool advised = false;
+  for (GstMessage* m : a.take(GST_MESSAGE_WARNING)) {
+    GError* err = nullptr;
+    gst_message_parse_warning(m, &err, nullptr);
+    advised |= std::string(err->message).find("audioconvert ! audioresample") != std::string::npos;
+    g_error_free(err);
+    gst_message_unref(m);
+  }
+  EXPECT_TRUE(advised);
+}
+
 TEST(Element, BadMouthBoxFailsTheStateChange) {
   GstElement* e = gst_element_factory_make("liveavatar", nullptr);
   g_object_set(e, "mouth-box", "1,2,three", nullptr);
