@@ -11,7 +11,9 @@
 #include <caffe2/serialize/inline_container.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <set>
 #include <sstream>
@@ -703,15 +705,26 @@ void save_pth(const std::string& path, const std::map<std::string, at::Tensor>& 
     w.op('u');
   }
   w.op('.');
+  // Written beside and renamed over: a mapping of the old file (tensors that view it) stays valid. The archive
+  // name inside the zip comes from the file name up to its first '.', as torch.save's writer does.
+  const std::string tmp = path + ".tmp";
   try {
-    caffe2::serialize::PyTorchStreamWriter writer(path);
+    caffe2::serialize::PyTorchStreamWriter writer(tmp);
     writer.writeRecord("data.pkl", w.out.data(), w.out.size());
     for (size_t i = 0; i < records.size(); ++i) {
       writer.writeRecord("data/" + std::to_string(i), records[i].data_ptr(), records[i].nbytes());
     }
     writer.writeEndOfFile();
   } catch (const c10::Error& e) {
+    std::remove(tmp.c_str());
     throw WeightsError(path, std::string("cannot write: ") + e.what_without_backtrace());
+  } catch (...) {
+    std::remove(tmp.c_str());
+    throw;
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw WeightsError(path, "cannot rename the written file into place");
   }
 }
 

@@ -362,7 +362,9 @@ void save_safetensors(const std::string& path, const std::map<std::string, at::T
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');
-  std::FILE* f = std::fopen(path.c_str(), "wb");
+  // Written beside and renamed over: a mapping of the old file (tensors that view it) stays valid.
+  const std::string tmp = path + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
   if (!f) throw WeightsError(path, std::string("cannot create: ") + std::strerror(errno));
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(h.size()) >> (8 * i));
@@ -372,7 +374,10 @@ void save_safetensors(const std::string& path, const std::map<std::string, at::T
     ok = t.nbytes() == 0 || std::fwrite(t.data_ptr(), 1, t.nbytes(), f) == t.nbytes();
   }
   ok = (std::fclose(f) == 0) && ok;
-  if (!ok) throw WeightsError(path, "write failed (disk full?)");
+  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw WeightsError(path, "write failed (disk full?)");
+  }
 }
 
 }  // namespace liveavatar::weights
