@@ -16,7 +16,7 @@ if ! "$cxx" -fsanitize=fuzzer "$probe" -o "$out/probe" 2>/dev/null; then
   exit 77
 fi
 torch=$(ls -d "$src"/.venv/lib/python3*/site-packages/torch | head -n 1)
-flags=(-std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize=vptr -D_GLIBCXX_USE_CXX11_ABI=1
+flags=(-std=c++17 -O1 -g -DLIVEAVATAR_FUZZING -fsanitize=fuzzer,address,undefined -fno-sanitize=vptr -D_GLIBCXX_USE_CXX11_ABI=1
        -I"$src/engine/include" -I"$src/engine/src/weights"
        -isystem "$torch/include" -isystem "$torch/include/torch/csrc/api/include")
 libs=(-L"$torch/lib" -Wl,-rpath,"$torch/lib" -Wl,--no-as-needed -ltorch_cpu -lc10 -Wl,--as-needed)

@@ -102,7 +102,7 @@ struct Checkpoint {
 };
 
 struct ReadOptions {
-  /// Fault in every page of the mapping up front (MAP_POPULATE): one kernel call instead of a fault per page.
+  /// Map every page up front (madvise MADV_POPULATE_READ, no copy): one kernel call instead of a fault per page.
   bool populate = false;
 };
 

@@ -36,12 +36,20 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, bool popul
     ::close(fd);
     throw WeightsError(path, "empty file (0 bytes): the download is incomplete. Download it again");
   }
-  int flags = MAP_PRIVATE | (populate ? MAP_POPULATE : 0);
-  void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ | PROT_WRITE, flags, fd, 0);
+  void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   int err = errno;
   ::close(fd);  // the mapping keeps its own reference to the file
   if (p == MAP_FAILED) {
     throw WeightsError(path, std::string("cannot map the file: ") + std::strerror(err));
+  }
+  if (populate) {
+    // Not MAP_POPULATE: on a writable private mapping it prefaults for writing, i.e. copies every page.
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+    if (::madvise(p, static_cast<size_t>(st.st_size), MADV_POPULATE_READ) != 0) {
+      ::madvise(p, static_cast<size_t>(st.st_size), MADV_WILLNEED);  // kernels before 5.14
+    }
   }
   std::shared_ptr<MappedFile> f(new MappedFile());
   f->data_ = static_cast<uint8_t*>(p);
