@@ -1,0 +1,148 @@
+// Transformer layers: QK-RMSNorm attention, the adaLN block with the fp32 residual, the output head.
+// SPDX-License-Identifier: LGPL-2.1-or-later
+#include <torch/nn/modules/activation.h>
+
+#include "modules.h"
+
+namespace liveavatar::dit {
+
+at::Tensor linear_f32(const at::Tensor& x, const torch::nn::LinearImpl& linear) {
+  const auto& w = linear.weight;
+  const auto& b = linear.bias;
+  if (w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat) return at::linear(x, w, b);
+  return at::linear(x.to(at::kFloat), w.to(at::kFloat), b.defined() ? b.to(at::kFloat) : b);
+}
+
+RMSNormImpl::RMSNormImpl(const RMSNormOptions& opts) : options(opts) {
+  weight = register_parameter("weight", at::ones({opts.dim}));
+}
+
+at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+  const auto xf = x.to(at::kFloat);
+  const auto normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + options.eps);
+  return normed.to(x.scalar_type()) * weight;
+}
+
+AttentionImpl::AttentionImpl(const AttentionOptions& opts) : options(opts) {
+  if (opts.dim % opts.num_heads != 0)
+    throw DitError("attention: dim " + std::to_string(opts.dim) + " is not a multiple of num_heads " +
+                   std::to_string(opts.num_heads));
+  q = register_module("q", torch::nn::Linear(opts.dim, opts.dim));
+  k = register_module("k", torch::nn::Linear(opts.dim, opts.dim));
+  v = register_module("v", torch::nn::Linear(opts.dim, opts.dim));
+  o = register_module("o", torch::nn::Linear(opts.dim, opts.dim));
+  norm_q = register_module("norm_q", RMSNorm(RMSNormOptions{opts.dim, opts.eps}));
+  norm_k = register_module("norm_k", RMSNorm(RMSNormOptions{opts.dim, opts.eps}));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> AttentionImpl::qkv(const at::Tensor& x) {
+  const int64_t b = x.size(0), s = x.size(1), n = options.num_heads, d = options.dim / options.num_heads;
+  auto qh = norm_q(q(x)).view({b, s, n, d});  // [B, L, H, D]
+  auto kh = norm_k(k(x)).view({b, s, n, d});
+  auto vh = v(x).view({b, s, n, d});
+  return {qh, kh, vh};
+}
+
+at::Tensor sdpa_blhd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  // [B, L, H, D] -> [B, H, L, D] for SDPA and back.
+  return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+      .transpose(1, 2);
+}
+
+at::Tensor AttentionImpl::attend(const at::Tensor& qh, const at::Tensor& kh, const at::Tensor& vh) {
+  const auto x = sdpa_blhd(qh, kh, vh);  // [B, Lq, H, D]
+  return o(x.flatten(2));                // [B, Lq, dim]
+}
+
+at::Tensor AttentionImpl::cross(const at::Tensor& x, const at::Tensor& context) {
+  const int64_t b = x.size(0), n = options.num_heads, d = options.dim / options.num_heads;
+  const auto qh = norm_q(q(x)).view({b, -1, n, d});        // [B, L1, H, D]
+  const auto kh = norm_k(k(context)).view({b, -1, n, d});  // [B, L2, H, D]
+  const auto vh = v(context).view({b, -1, n, d});
+  return attend(qh, kh, vh);
+}
+
+BlockImpl::BlockImpl(const BlockOptions& opts) : options(opts) {
+  // Registration order follows the upstream module (norm1 and norm2 have no parameters).
+  self_attn = register_module("self_attn", Attention(AttentionOptions{opts.dim, opts.num_heads, opts.eps}));
+  norm3 = register_module("norm3", torch::nn::LayerNorm(torch::nn::LayerNormOptions({opts.dim})
+                                                            .eps(opts.eps)
+                                                            .elementwise_affine(true)));
+  cross_attn = register_module("cross_attn", Attention(AttentionOptions{opts.dim, opts.num_heads, opts.eps}));
+  ffn = register_module("ffn", torch::nn::Sequential(torch::nn::Linear(opts.dim, opts.ffn_dim),
+                                                     torch::nn::GELU(torch::nn::GELUOptions().approximate("tanh")),
+                                                     torch::nn::Linear(opts.ffn_dim, opts.dim)));
+  modulation = register_parameter("modulation", at::randn({1, 6, opts.dim}) / std::sqrt(double(opts.dim)));
+}
+
+Modulation BlockImpl::modulation_for(const at::Tensor& e0, bool conditioning) const {
+  // [1, 6, dim] -> [1, 1, 6, 1, dim] + [B, F, 6, 2, dim] in fp32, then one [B, F, 2, dim] per vector.
+  const auto all = modulation.to(at::kFloat).unsqueeze(1).unsqueeze(3) + e0;
+  Modulation m;
+  for (int64_t i = 0; i < 6; ++i) {
+    const auto e = all.select(2, i);  // [B, F, 2, dim]
+    if (conditioning)
+      m.e[i] = e.slice(1, 0, 1).select(2, 1).unsqueeze(2);  // t = 0 vector of frame 0: [B, 1, 1, dim]
+    else
+      m.e[i] = e.select(2, 0).unsqueeze(2);                 // per frame: [B, F, 1, dim]
+  }
+  m.groups = conditioning ? 1 : e0.size(1);
+  return m;
+}
+
+namespace {
+// x [B, L, dim] * (1 + scale) + shift with the vectors broadcast per group of tokens.
+at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, int64_t groups) {
+  const auto b = x.size(0), l = x.size(1), c = x.size(2);
+  const auto xv = x.view({b, groups, l / groups, c});  // [B, G, L/G, dim]
+  return (xv * (1 + scale) + shift).view({b, l, c});
+}
+at::Tensor gate(const at::Tensor& y, const at::Tensor& g, int64_t groups) {
+  const auto b = y.size(0), l = y.size(1), c = y.size(2);
+  return (y.view({b, groups, l / groups, c}) * g).view({b, l, c});
+}
+}  // namespace
+
+at::Tensor BlockImpl::forward(const at::Tensor& x, const Modulation& mod, const at::Tensor& context,
+                              const SelfAttentionFn& attention) {
+  const auto dtype = x.scalar_type();
+  const int64_t groups = mod.groups;
+  if (x.size(1) % groups != 0)
+    throw DitError("block: " + std::to_string(x.size(1)) + " tokens do not split into " + std::to_string(groups) +
+                   " frames");
+  // Self-attention on adaLN-modulated tokens (modulation in fp32, the projections in the model dtype).
+  const auto norm_x = modulate(plain_layer_norm(x, options.eps).to(at::kFloat), mod.e[0], mod.e[1], groups);
+  auto [qh, kh, vh] = self_attn->qkv(norm_x.to(dtype));
+  const auto attn = attention(qh, kh, vh);             // [B, L, H, D]
+  const auto y = self_attn->o(attn.flatten(2));        // [B, L, dim]
+  auto h = x + gate(y, mod.e[2], groups);              // fp32 residual from here on
+
+  // Cross-attention to the text; upstream rounds the residual to bf16 before norm3 even in fp32 runs.
+  const auto n3 = at::layer_norm(h.to(at::kBFloat16), {options.dim}, norm3->weight, norm3->bias, options.eps);
+  h = h + cross_attn->cross(n3.to(dtype), context);
+
+  // FFN with GELU(tanh).
+  const auto norm2_x = modulate(plain_layer_norm(h, options.eps).to(at::kFloat), mod.e[3], mod.e[4], groups);
+  const auto f = ffn->forward(norm2_x.to(dtype));
+  h = h + gate(f, mod.e[5], groups);
+  return h.to(dtype);
+}
+
+HeadImpl::HeadImpl(const HeadOptions& opts) : options(opts) {
+  const int64_t out = opts.out_dim * opts.patch_size[0] * opts.patch_size[1] * opts.patch_size[2];
+  head = register_module("head", torch::nn::Linear(opts.dim, out));
+  modulation = register_parameter("modulation", at::randn({1, 2, opts.dim}) / std::sqrt(double(opts.dim)));
+}
+
+at::Tensor HeadImpl::forward(const at::Tensor& x, const at::Tensor& e) {
+  const auto dtype = x.scalar_type();
+  const int64_t b = x.size(0), frames = e.size(0) / b, s = x.size(1) / frames;
+  const auto m = modulation.to(at::kFloat) + e.unsqueeze(1);  // [B*F, 2, dim]
+  const auto shift = m.select(1, 0).unsqueeze(1).unflatten(0, {b, frames});  // [B, F, 1, dim]
+  const auto scale = m.select(1, 1).unsqueeze(1).unflatten(0, {b, frames});
+  const auto normed = plain_layer_norm(x, options.eps).unflatten(1, {frames, s});  // [B, F, S, dim]
+  const auto y = (normed * (1 + scale) + shift).flatten(1, 2);                    // [B, F*S, dim] fp32
+  return linear_f32(y, *head).to(dtype);
+}
+
+}  // namespace liveavatar::dit
