@@ -138,6 +138,7 @@ struct SessionOptions {
 struct BlockResult {
   at::Tensor latents;                  // [C, frames_per_block, H, W] denoised latents
   std::vector<int64_t> rope_offsets;   // the offsets used, one per step
+  std::vector<at::Tensor> velocities;  // the DiT output of each step, [C, frames_per_block, H, W]
 };
 
 /// One stream: caches, position, noise. Single plan: one device holds the weights and the four KV caches.

@@ -193,6 +193,7 @@ BlockResult Session::generate_block(const at::Tensor& audio, const std::optional
     const double t = st.schedule.timesteps[i].item<double>();
     const auto velocity = m.forward_block(latents, t, st.context_emb, at::Tensor(), a, st.caches[static_cast<size_t>(i)],
                                           st.cond, current_start, offset);
+    result.velocities.push_back(velocity);
     latents = euler_step(latents, velocity, st.schedule, i);
   }
   if (clip == 0 && in_clip == 0) st.ref = latents.slice(1, 0, 1).clone();  // the next sink's reference

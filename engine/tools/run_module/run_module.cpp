@@ -86,6 +86,7 @@ std::string modules_help() {
                     num_blocks [, seed (0), rope_offsets [N * steps], noise.<b>, refresh_motion_latents,
                     roll_sink (1)]
                                                             -> latents.<b> [16, F, H, W], latents (all blocks on F),
+                                                               velocity.<b>.<step>,
                                                                rope_offsets, timesteps, sigmas)";
 }
 
@@ -176,6 +177,8 @@ TensorMap run(const RunRequest& request, const TensorMap& inputs) {
       auto r = session.generate_block(audio4(a), noise.defined() ? std::optional<at::Tensor>(squeeze_batch(noise, 4))
                                                                  : std::nullopt);
       out["latents." + std::to_string(b)] = r.latents;
+      for (size_t i = 0; i < r.velocities.size(); ++i)
+        out["velocity." + std::to_string(b) + "." + std::to_string(i)] = r.velocities[i];
       all.push_back(r.latents);
       used.insert(used.end(), r.rope_offsets.begin(), r.rope_offsets.end());
     }
