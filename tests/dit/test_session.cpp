@@ -1,0 +1,114 @@
+// Session behaviour: determinism (same seed + inputs -> same bits), seed sensitivity, ring position, errors.
+// SPDX-License-Identifier: LGPL-2.1-or-later
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "golden_util.h"
+
+namespace liveavatar::dit::test {
+namespace {
+
+struct Inputs {
+  at::Tensor ref, motion, text;
+  std::vector<at::Tensor> audio;
+};
+
+Inputs make_inputs(const ModelConfig& cfg, int blocks) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  Inputs in;
+  in.ref = at::randn({16, 1, 8, 16}, gen);
+  in.motion = at::randn({16, 19, 8, 16}, gen);
+  in.text = at::randn({5, cfg.text_dim}, gen);
+  for (int b = 0; b < blocks; ++b) in.audio.push_back(at::randn({cfg.audio_layers, cfg.audio_dim, 12}, gen));
+  return in;
+}
+
+std::vector<at::Tensor> stream(const Model& model, const Inputs& in, SessionOptions options) {
+  Session s(model, std::move(options));
+  s.set_condition(in.ref, in.motion, in.text);
+  std::vector<at::Tensor> out;
+  for (const auto& a : in.audio) out.push_back(s.generate_block(a).latents);
+  return out;
+}
+
+TEST(Session, SameSeedAndInputsGiveIdenticalBits) {
+  Model model(ModelConfig::tiny(), c10::kCPU, c10::kFloat, /*seed=*/3);
+  const auto in = make_inputs(model.config(), 5);  // crosses the clip boundary (4 blocks) and the sink refresh
+  SessionOptions o;
+  o.seed = 11;
+  o.rope_seed = 12;
+  const auto a = stream(model, in, o), b = stream(model, in, o);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << "block " << i;
+}
+
+TEST(Session, NoiseSeedAndRopeSeedChangeTheOutput) {
+  Model model(ModelConfig::tiny(), c10::kCPU, c10::kFloat, /*seed=*/3);
+  const auto in = make_inputs(model.config(), 1);
+  SessionOptions o;
+  const auto base = stream(model, in, o);
+  auto o2 = o;
+  o2.seed = 1;
+  EXPECT_FALSE(at::equal(base[0], stream(model, in, o2)[0]));
+  // The first blocks sit before frame 30 - offset, where the offset has no effect; block outputs at later frames
+  // depend on it, which the golden streaming test covers with the recorded offsets.
+}
+
+TEST(Session, DrawnOffsetsStayInTheUpstreamRange) {
+  Model model(ModelConfig::tiny(), c10::kCPU, c10::kFloat, 3);
+  const auto in = make_inputs(model.config(), 2);
+  Session s(model, {});
+  s.set_condition(in.ref, in.motion, in.text);
+  for (const auto& a : in.audio)
+    for (int64_t o : s.generate_block(a).rope_offsets) {
+      EXPECT_GE(o, 4);
+      EXPECT_LE(o, 30);
+    }
+  EXPECT_EQ(s.blocks_done(), 2);
+}
+
+TEST(Session, GenerateBeforeConditionIsAnError) {
+  Model model(ModelConfig::tiny(), c10::kCPU, c10::kFloat, 3);
+  Session s(model, {});
+  try {
+    s.generate_block(at::zeros({25, 32, 12}));
+    FAIL();
+  } catch (const DitError& e) {
+    EXPECT_NE(std::string(e.what()).find("set_condition"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Session, WrongAudioLengthIsAnError) {
+  Model model(ModelConfig::tiny(), c10::kCPU, c10::kFloat, 3);
+  const auto in = make_inputs(model.config(), 1);
+  Session s(model, {});
+  s.set_condition(in.ref, in.motion, in.text);
+  EXPECT_THROW(s.generate_block(at::zeros({25, 32, 20})), DitError);
+  EXPECT_THROW(s.generate_block(at::zeros({24, 32, 12})), DitError);
+}
+
+TEST(Session, TooLongTextIsAnError) {
+  Model model(ModelConfig::tiny(), c10::kCPU, c10::kFloat, 3);
+  const auto in = make_inputs(model.config(), 1);
+  Session s(model, {});
+  EXPECT_THROW(s.set_condition(in.ref, in.motion, at::zeros({17, model.config().text_dim})), DitError);
+}
+
+TEST(Model, Bf16RunsAndStaysClose) {
+  // The bf16 path (GPU product) runs the same code; on CPU it must stay near fp32 (not a fidelity claim).
+  Model f32(ModelConfig::tiny(), c10::kCPU, c10::kFloat, 3);
+  Model b16(ModelConfig::tiny(), c10::kCPU, c10::kBFloat16, 3);
+  const auto in = make_inputs(f32.config(), 1);
+  const auto noise = at::randn({16, 3, 8, 16});  // bf16 noise would be a different draw: share it
+  auto run = [&](const Model& m) {
+    Session s(m, {});
+    s.set_condition(in.ref, in.motion, in.text);
+    return std::vector<at::Tensor>{s.generate_block(in.audio[0], noise).latents};
+  };
+  const auto a = run(f32), b = run(b16);
+  EXPECT_EQ(b[0].scalar_type(), at::kBFloat16);
+  const double err = (a[0] - b[0].to(at::kFloat)).abs().max().item<double>();
+  EXPECT_LT(err, 0.1 * a[0].abs().max().item<double>());
+}
+
+}  // namespace
+}  // namespace liveavatar::dit::test
