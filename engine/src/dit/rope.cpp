@@ -88,9 +88,9 @@ at::Tensor rope_table(const at::Tensor& positions, int64_t head_dim) {
     const auto angles = at::outer(mag, inv);                  // [L, part]
     auto table = at::polar(at::ones_like(angles), angles);    // complex128
     // complex32 rounding of the table, as rope_precompute stores it.
-    auto half = at::empty(table.sizes(), at::TensorOptions().dtype(at::kComplexHalf));
-    half.copy_(table);
-    table = half.to(at::kComplexDouble);
+    // complex128 -> complex32 converts each part double -> float -> half (c10::complex<Half> from complex<float>);
+    // done on the real view to avoid the experimental ComplexHalf dtype.
+    table = at::view_as_complex(at::view_as_real(table).to(at::kFloat).to(at::kHalf).to(at::kDouble).contiguous());
     const auto negative = p.lt(0).unsqueeze(1);
     table = at::where(negative, table.conj().resolve_conj(), table);
     cols.push_back(table);
