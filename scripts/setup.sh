@@ -21,8 +21,10 @@ APT_PACKAGES=(
   gstreamer1.0-plugins-ugly gstreamer1.0-libav
   # puppet backend: OpenCV image ops + Haar cascades
   libopencv-core-dev libopencv-imgproc-dev libopencv-objdetect-dev opencv-data
-  # engine tools and tests: PNG / WAV I/O, JSON, GoogleTest
-  libpng-dev libsndfile1-dev nlohmann-json3-dev libgtest-dev googletest
+  # engine tools and tests: PNG / WAV I/O, JSON, GoogleTest; the umT5 tokenizer (SentencePiece)
+  libpng-dev libsndfile1-dev nlohmann-json3-dev libgtest-dev googletest libsentencepiece-dev
+  # libFuzzer targets for the checkpoint readers
+  clang libclang-rt-14-dev
   # checks: ffprobe, an RTMP server for the streaming test
   ffmpeg nginx libnginx-mod-rtmp
 )
