@@ -16,12 +16,27 @@
 #include <vector>
 
 #include "liveavatar/dit.h"
+#include "liveavatar/weights.h"
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+// Resident anonymous / file-backed bytes (/proc/self/status, kB), to show what loading a checkpoint costs.
+double rss_mib(const char* field) {
+  std::ifstream in("/proc/self/status");
+  std::string key;
+  while (in >> key) {
+    if (key == field) {
+      double kb = 0;
+      in >> kb;
+      return kb / 1024.0;
+    }
+    std::getline(in, key);
+  }
+  return -1;
 }
 double peak_rss_gib() {
   rusage ru{};
@@ -59,7 +74,7 @@ struct CudaRuntime {
 void usage() {
   std::printf(
       "usage: liveavatar-dit-bench [--dit tiny|14b] [--device cpu|cuda] [--dtype fp32|bf16] [--blocks N]\n"
-      "                            [--latent HxW] [--threads N] [--json FILE]\n"
+      "                            [--latent HxW] [--threads N] [--json FILE] [--checkpoint DIR]\n"
       "  Streams N blocks (3 latent frames, 4 Euler steps each) through the DiT with random weights and reports the\n"
       "  per-block latency (mean / min / max after the first block), the sink prefill time and peak memory.\n"
       "  Defaults: --dit tiny --device cpu --dtype fp32 --blocks 6 --latent 8x16 (tiny) / 88x48 (14b, 704x384).\n");
@@ -70,7 +85,7 @@ void usage() {
 int main(int argc, char** argv) {
   using namespace liveavatar;
   try {
-    std::string which = "tiny", device_name = "cpu", dtype_name = "fp32", json_path;
+    std::string which = "tiny", device_name = "cpu", dtype_name = "fp32", json_path, checkpoint_dir;
     int64_t blocks = 6, lat_h = -1, lat_w = -1, threads = 0;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
@@ -84,6 +99,7 @@ int main(int argc, char** argv) {
       else if (a == "--blocks") blocks = std::stoll(value());
       else if (a == "--threads") threads = std::stoll(value());
       else if (a == "--json") json_path = value();
+      else if (a == "--checkpoint") checkpoint_dir = value();
       else if (a == "--latent") {
         const auto v = value();
         const auto x = v.find('x');
@@ -96,7 +112,11 @@ int main(int argc, char** argv) {
     if (which != "tiny" && which != "14b") throw Error("--dit must be tiny or 14b, got " + which);
     if (blocks < 1 || blocks > 10000) throw Error("--blocks must be in [1, 10000]");
     if (threads > 0) at::set_num_threads(static_cast<int>(threads));
-    const auto config = which == "tiny" ? dit::ModelConfig::tiny() : dit::ModelConfig{};
+    // --checkpoint DIR: the DiT of a checkpoint folder (config.json + sharded safetensors), e.g. one written by
+    // `liveavatar-checkpoint make-tiny`, instead of random weights.
+    const auto config = !checkpoint_dir.empty() ? dit::ModelConfig::from_json_file(checkpoint_dir + "/config.json")
+                        : which == "tiny"       ? dit::ModelConfig::tiny()
+                                                : dit::ModelConfig{};
     if (lat_h < 0) {
       lat_h = which == "tiny" ? 8 : 88;
       lat_w = which == "tiny" ? 16 : 48;
@@ -115,6 +135,19 @@ int main(int argc, char** argv) {
     auto t0 = Clock::now();
     dit::Model model(config, device, dtype, /*seed=*/1);
     const double build_s = seconds_since(t0);
+    // Loading copies each tensor once, from the file mapping (page cache, shared) into the model's own tensors:
+    // anonymous memory should not grow by the checkpoint size (the model tensors exist already).
+    double checkpoint_bytes = 0, anon_before = rss_mib("RssAnon:"), anon_growth = 0, file_growth = 0, load_s = 0;
+    if (!checkpoint_dir.empty()) {
+      const double file_before = rss_mib("RssFile:");
+      t0 = Clock::now();
+      auto ckpt = weights::load_sharded_safetensors(checkpoint_dir + "/diffusion_pytorch_model.safetensors.index.json");
+      for (const auto& kv : ckpt.tensors) checkpoint_bytes += static_cast<double>(kv.second.nbytes());
+      model.load(ckpt);
+      load_s = seconds_since(t0);
+      anon_growth = rss_mib("RssAnon:") - anon_before;
+      file_growth = rss_mib("RssFile:") - file_before;
+    }
     c10::NoGradGuard no_grad;
     auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
     const auto ref = at::randn({config.in_dim, 1, lat_h, lat_w}, gen);
@@ -147,12 +180,15 @@ int main(int argc, char** argv) {
                   "{\"dit\": \"%s\", \"device\": \"%s\", \"dtype\": \"%s\", \"threads\": %d, \"latent\": [%lld, %lld],"
                   " \"tokens_per_block\": %lld, \"parameters\": %llu, \"blocks\": %lld, \"build_s\": %.3f,"
                   " \"prefill_s\": %.4f, \"first_block_s\": %.4f, \"block_mean_s\": %.4f, \"block_min_s\": %.4f,"
-                  " \"block_max_s\": %.4f, \"realtime_factor\": %.3f, \"peak_rss_gib\": %.3f, \"device_used_gib\": %.3f}\n",
+                  " \"block_max_s\": %.4f, \"realtime_factor\": %.3f, \"peak_rss_gib\": %.3f, \"device_used_gib\": %.3f,"
+                  " \"checkpoint_mib\": %.3f, \"load_s\": %.4f, \"load_rss_anon_growth_mib\": %.3f,"
+                  " \"load_rss_file_growth_mib\": %.3f}\n",
                   which.c_str(), device_name.c_str(), dtype_name.c_str(), at::get_num_threads(),
                   static_cast<long long>(lat_h), static_cast<long long>(lat_w),
                   static_cast<long long>(config.frames_per_block * (lat_h / 2) * (lat_w / 2)),
                   static_cast<unsigned long long>(model.parameter_count()), static_cast<long long>(blocks), build_s,
-                  prefill_s, lat.front(), mean, mn, mx, block_video_s / mean, peak_rss_gib(), dev_peak);
+                  prefill_s, lat.front(), mean, mn, mx, block_video_s / mean, peak_rss_gib(), dev_peak,
+                  checkpoint_bytes / (1024.0 * 1024.0), load_s, anon_growth, file_growth);
     std::fputs(buf, stdout);
     if (!json_path.empty()) {
       std::ofstream out(json_path);
