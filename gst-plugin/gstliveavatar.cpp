@@ -70,15 +70,24 @@ enum {
   PROP_HEIGHT,
   PROP_SEED,
   PROP_MOUTH_BOX,
+  PROP_MODEL_DIR,
+  PROP_LORA,
+  PROP_PROMPT,
+  PROP_PRECISION,
 };
 
-enum GstLiveAvatarBackend { GST_LIVE_AVATAR_BACKEND_PUPPET = 0 };
+enum GstLiveAvatarBackend { GST_LIVE_AVATAR_BACKEND_PUPPET = 0, GST_LIVE_AVATAR_BACKEND_LIVEAVATAR = 1 };
+enum GstLiveAvatarPrecision { GST_LIVE_AVATAR_PRECISION_FP32 = 0, GST_LIVE_AVATAR_PRECISION_BF16 = 1 };
 
 #define DEFAULT_BACKEND GST_LIVE_AVATAR_BACKEND_PUPPET
 #define DEFAULT_WIDTH 0
 #define DEFAULT_HEIGHT 0
 #define DEFAULT_SEED 0
 #define DEFAULT_MOUTH_BOX ""
+#define DEFAULT_MODEL_DIR ""
+#define DEFAULT_LORA ""
+#define DEFAULT_PROMPT "A person is talking to the camera."
+#define DEFAULT_PRECISION GST_LIVE_AVATAR_PRECISION_FP32
 
 static constexpr int kFpsN = 25;
 static constexpr int kFpsD = 1;
@@ -90,9 +99,24 @@ GType gst_live_avatar_backend_get_type(void) {
   static GType type = 0;
   static const GEnumValue values[] = {
       {GST_LIVE_AVATAR_BACKEND_PUPPET, "Puppet: animates the portrait on the CPU, no model weights", "puppet"},
+      {GST_LIVE_AVATAR_BACKEND_LIVEAVATAR, "LiveAvatar: the 14B streaming diffusion model (needs model-dir)",
+       "liveavatar"},
       {0, nullptr, nullptr}};
   if (g_once_init_enter(&type)) {
     GType t = g_enum_register_static("GstLiveAvatarBackend", values);
+    g_once_init_leave(&type, t);
+  }
+  return type;
+}
+
+#define GST_TYPE_LIVE_AVATAR_PRECISION (gst_live_avatar_precision_get_type())
+static GType gst_live_avatar_precision_get_type(void) {
+  static GType type = 0;
+  static const GEnumValue values[] = {{GST_LIVE_AVATAR_PRECISION_FP32, "32-bit float", "fp32"},
+                                      {GST_LIVE_AVATAR_PRECISION_BF16, "bfloat16 DiT", "bf16"},
+                                      {0, nullptr, nullptr}};
+  if (g_once_init_enter(&type)) {
+    GType t = g_enum_register_static("GstLiveAvatarPrecision", values);
     g_once_init_leave(&type, t);
   }
   return type;
@@ -105,6 +129,10 @@ struct Settings {
   int height = DEFAULT_HEIGHT;
   guint64 seed = DEFAULT_SEED;
   std::string mouth_box = DEFAULT_MOUTH_BOX;
+  std::string model_dir = DEFAULT_MODEL_DIR;
+  std::string lora = DEFAULT_LORA;
+  std::string prompt = DEFAULT_PROMPT;
+  GstLiveAvatarPrecision precision = DEFAULT_PRECISION;
 };
 
 // Runtime state, touched only by the aggregate thread (and start/stop while that thread is stopped).
@@ -695,7 +723,11 @@ static gboolean gst_live_avatar_start(GstAggregator* agg) {
   GST_OBJECT_UNLOCK(self);
 
   liveavatar::EngineConfig config;
-  config.backend = "puppet";
+  config.backend = settings.backend == GST_LIVE_AVATAR_BACKEND_LIVEAVATAR ? "liveavatar" : "puppet";
+  config.model_dir = settings.model_dir;
+  config.lora = settings.lora;
+  config.prompt = settings.prompt;
+  config.precision = settings.precision == GST_LIVE_AVATAR_PRECISION_BF16 ? "bf16" : "fp32";
   config.width = settings.width;
   config.height = settings.height;
   config.seed = settings.seed;
@@ -774,6 +806,24 @@ static void gst_live_avatar_set_property(GObject* object, guint prop_id, const G
       s.mouth_box = v ? v : "";
       break;
     }
+    case PROP_MODEL_DIR: {
+      const char* v = g_value_get_string(value);
+      s.model_dir = v ? v : "";
+      break;
+    }
+    case PROP_LORA: {
+      const char* v = g_value_get_string(value);
+      s.lora = v ? v : "";
+      break;
+    }
+    case PROP_PROMPT: {
+      const char* v = g_value_get_string(value);
+      s.prompt = v ? v : "";
+      break;
+    }
+    case PROP_PRECISION:
+      s.precision = static_cast<GstLiveAvatarPrecision>(g_value_get_enum(value));
+      break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec);
       break;
@@ -800,6 +850,18 @@ static void gst_live_avatar_get_property(GObject* object, guint prop_id, GValue*
       break;
     case PROP_MOUTH_BOX:
       g_value_set_string(value, s.mouth_box.c_str());
+      break;
+    case PROP_MODEL_DIR:
+      g_value_set_string(value, s.model_dir.c_str());
+      break;
+    case PROP_LORA:
+      g_value_set_string(value, s.lora.c_str());
+      break;
+    case PROP_PROMPT:
+      g_value_set_string(value, s.prompt.c_str());
+      break;
+    case PROP_PRECISION:
+      g_value_set_enum(value, s.precision);
       break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec);
@@ -855,6 +917,29 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
                           "detector (changeable in NULL/READY only)",
                           DEFAULT_MOUTH_BOX, flags));
 
+  g_object_class_install_property(
+      gobject_class, PROP_MODEL_DIR,
+      g_param_spec_string("model-dir", "Model folder",
+                          "backend=liveavatar: folder with Wan2.2-S2V-14B/ (DiT shards, Wan2.1_VAE.pth, umT5, wav2vec2) "
+                          "and LiveAvatar/liveavatar.safetensors (changeable in NULL/READY only)",
+                          DEFAULT_MODEL_DIR, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_LORA,
+      g_param_spec_string("lora", "LoRA",
+                          "backend=liveavatar: LiveAvatar LoRA file; empty = model-dir/LiveAvatar/liveavatar.safetensors "
+                          "(changeable in NULL/READY only)",
+                          DEFAULT_LORA, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_PROMPT,
+      g_param_spec_string("prompt", "Prompt",
+                          "backend=liveavatar: text prompt, encoded once and cached (changeable in NULL/READY only)",
+                          DEFAULT_PROMPT, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_PRECISION,
+      g_param_spec_enum("precision", "Precision",
+                        "backend=liveavatar: DiT precision (changeable in NULL/READY only)",
+                        GST_TYPE_LIVE_AVATAR_PRECISION, DEFAULT_PRECISION, flags));
+
   gst_element_class_add_static_pad_template_with_gtype(element_class, &image_template, GST_TYPE_AGGREGATOR_PAD);
   gst_element_class_add_static_pad_template_with_gtype(element_class, &audio_template, GST_TYPE_AGGREGATOR_PAD);
   gst_element_class_add_static_pad_template_with_gtype(element_class, &src_template, GST_TYPE_AGGREGATOR_PAD);
@@ -875,6 +960,7 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   agg_class->stop = gst_live_avatar_stop;
 
   gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_BACKEND, static_cast<GstPluginAPIFlags>(0));
+  gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_PRECISION, static_cast<GstPluginAPIFlags>(0));
 }
 
 static void gst_live_avatar_init(GstLiveAvatar* self) {

@@ -37,4 +37,8 @@ class Backend {
 
 std::unique_ptr<Backend> make_puppet_backend(const EngineConfig& config);
 
+using BackendFactory = std::unique_ptr<Backend> (*)(const EngineConfig& config);
+/// Adds a backend under `name` (replacing one of that name). Thread-safe.
+void register_backend(const std::string& name, BackendFactory factory);
+
 }  // namespace liveavatar

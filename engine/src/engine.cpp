@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "backend.h"
@@ -11,6 +13,15 @@
 namespace liveavatar {
 
 namespace {
+
+std::mutex& registry_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<std::string, BackendFactory>& registry() {
+  static std::map<std::string, BackendFactory> r{{"puppet", &make_puppet_backend}};
+  return r;
+}
 
 std::string size_text(int w, int h) { return std::to_string(w) + "x" + std::to_string(h); }
 
@@ -70,13 +81,21 @@ class EngineImpl final : public Engine {
     check_size(requested_, "output size");
     if ((requested_.width == 0) != (requested_.height == 0))
       throw Error("set both width and height, or neither (then they follow the reference)");
-    if (config.backend == "puppet") {
-      backend_ = make_puppet_backend(config);
-    } else {
+    BackendFactory factory = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(registry_mutex());
+      auto it = registry().find(config.backend);
+      if (it != registry().end()) factory = it->second;
+    }
+    if (!factory) {
       std::string names;
       for (const auto& n : backend_names()) names += (names.empty() ? "" : ", ") + n;
+      if (config.backend == "liveavatar")
+        throw Error("backend 'liveavatar' is not built into this engine (it needs LibTorch: run scripts/setup.sh and "
+                    "rebuild); available backends are " + names);
       throw Error("unknown backend '" + config.backend + "': available backends are " + names);
     }
+    backend_ = factory(config);
     pending_.reserve(spf_);
   }
 
@@ -222,7 +241,17 @@ Size default_output_size(int w, int h) {
   return {std::max(ow, kMinReferenceSide), std::max(oh, kMinReferenceSide)};
 }
 
-std::vector<std::string> backend_names() { return {"puppet"}; }
+void register_backend(const std::string& name, BackendFactory factory) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry()[name] = factory;
+}
+
+std::vector<std::string> backend_names() {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  std::vector<std::string> names;
+  for (const auto& kv : registry()) names.push_back(kv.first);
+  return names;
+}
 
 std::unique_ptr<Engine> Engine::create(const EngineConfig& config) { return std::make_unique<EngineImpl>(config); }
 

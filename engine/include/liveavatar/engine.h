@@ -64,7 +64,7 @@ constexpr int kMaxDefaultSide = 1024;
 Size default_output_size(int reference_width, int reference_height);
 
 struct EngineConfig {
-  std::string backend = "puppet";  // "puppet" (CPU, no weights); more backends register later
+  std::string backend = "puppet";  // "puppet" (CPU, no weights) or "liveavatar" (the neural model, needs model_dir)
   int width = 0;                   // output width, 0 = default_output_size() of the reference
   int height = 0;                  // output height, 0 = default_output_size() of the reference
   uint64_t seed = 0;               // same seed + same input = same frames
@@ -73,6 +73,13 @@ struct EngineConfig {
   int sample_rate = 16000;  // mono float samples
   Rect mouth_box;           // in reference pixels; empty = found by the face detector
   std::string cascade_dir;  // OpenCV Haar cascades; empty = $LIVEAVATAR_CASCADE_DIR or the built-in path
+
+  // Backend "liveavatar" only:
+  std::string model_dir;             // folder holding Wan2.2-S2V-14B/ (and LiveAvatar/), or Wan2.2-S2V-14B itself
+  std::string lora;                  // LiveAvatar LoRA; empty = <model_dir>/LiveAvatar/liveavatar.safetensors if there
+  std::string prompt;                // text prompt (umT5), encoded once and cached
+  std::string precision = "fp32";    // fp32 | bf16: dtype of the DiT
+  std::string device = "cpu";        // cpu | cuda
 };
 
 /// Where the backend found (or assumed) the face, in output pixels.
@@ -124,5 +131,9 @@ class Engine {
 
 /// Names of the registered backends, for help texts.
 std::vector<std::string> backend_names();
+
+/// Registers the neural backend "liveavatar" when the engine was built with LibTorch; returns whether it is
+/// available. Idempotent and thread-safe; call once before Engine::create (the GStreamer plugin does).
+bool register_neural_backend();
 
 }  // namespace liveavatar
