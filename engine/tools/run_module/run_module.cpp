@@ -70,6 +70,10 @@ void put_cache(TensorMap& out, const std::string& prefix, const std::vector<Laye
 
 }  // namespace
 
+// VAE modules (run_vae.cpp).
+std::string vae_modules_help();
+bool run_vae(const RunRequest& request, const TensorMap& inputs, TensorMap& out);
+
 std::string modules_help() {
   return R"(Modules (inputs -> outputs; latents unbatched [C, F, H, W], a leading batch of 1 is accepted):
   schedule          -                                       -> timesteps [steps], sigmas [steps + 1]
@@ -87,11 +91,13 @@ std::string modules_help() {
                     roll_sink (1)]
                                                             -> latents.<b> [16, F, H, W], latents (all blocks on F),
                                                                velocity.<b>.<step>,
-                                                               rope_offsets, timesteps, sigmas)";
+                                                               rope_offsets, timesteps, sigmas)" +
+         std::string("\n") + vae_modules_help();
 }
 
 TensorMap run(const RunRequest& request, const TensorMap& inputs) {
   at::NoGradGuard no_grad;
+  if (TensorMap vae_out; run_vae(request, inputs, vae_out)) return vae_out;
   const ModelConfig config = resolve_config(request);
   const std::string& mod = request.module;
   TensorMap out;
