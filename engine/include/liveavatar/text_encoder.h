@@ -29,8 +29,8 @@
 
 #include "liveavatar/engine.h"  // liveavatar::Error
 
-namespace sentencepiece {
-class SentencePieceProcessor;
+namespace liveavatar::text {
+class SpmProcessor;  // libsentencepiece, loaded in isolation (engine/src/text/spm.h)
 }
 namespace liveavatar::weights {
 struct Checkpoint;
@@ -57,7 +57,7 @@ struct T5Config {
   double eps = 1e-6;            // T5LayerNorm eps
   int64_t text_len = 512;       // s2v_14B.text_len: tokenizer seq_len, embeddings padded to it
 
-  /// The tiny shape of the golden fixtures (dim 32, 2 layers, 4 heads, vocab 256).
+  /// The tiny shape of the golden fixtures (dim 48, 2 layers, 4 heads, vocab 320, text_len 16).
   static T5Config tiny();
   /// Reads the fields present in a JSON file (the names above; "encoder_layers" also accepted).
   static T5Config from_json_file(const std::string& path);
@@ -97,7 +97,7 @@ class Tokenizer {
   const std::string& path() const { return path_; }
 
  private:
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  std::unique_ptr<SpmProcessor> sp_;
   std::string path_;
   int64_t text_len_;
   int64_t eos_id_ = 1;

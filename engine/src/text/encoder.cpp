@@ -12,9 +12,9 @@ namespace liveavatar::text {
 
 T5Config T5Config::tiny() {
   T5Config c;
-  c.vocab_size = 256;
-  c.dim = 32;
-  c.dim_attn = 32;
+  c.vocab_size = 320;
+  c.dim = 48;
+  c.dim_attn = 48;
   c.dim_ffn = 64;
   c.num_heads = 4;
   c.num_layers = 2;

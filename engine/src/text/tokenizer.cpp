@@ -1,12 +1,12 @@
 // umT5 tokenizer: upstream's 'whitespace' cleaning, then SentencePiece (libsentencepiece) with </s>, padding and
 // truncation as HF's T5TokenizerFast(padding='max_length', truncation=True, max_length=text_len) does.
 // SPDX-License-Identifier: LGPL-2.1-or-later
-#include <sentencepiece_processor.h>
 #include <sys/stat.h>
 
 #include <map>
 
 #include "liveavatar/text_encoder.h"
+#include "spm.h"
 
 namespace liveavatar::text {
 namespace {
@@ -76,9 +76,52 @@ bool is_removed_control(char32_t c) {
          (c >= 0xE0000 && c <= 0xE007F);
 }
 
-// A subset of ftfy.fix_text's default fixes: terminal escapes and control characters removed, curly quotes made
-// straight. (Mojibake repair is not reproduced; width, ligatures and NFC are covered by SentencePiece's NFKC.)
-std::u32string ftfy_subset(const std::u32string& in) {
+// The byte a character has in Windows-1252 (Latin-1 where cp1252 has no other use), or -1.
+int cp1252_byte(char32_t c) {
+  static const std::map<char32_t, int> specials = {
+      {0x20AC, 0x80}, {0x201A, 0x82}, {0x0192, 0x83}, {0x201E, 0x84}, {0x2026, 0x85}, {0x2020, 0x86}, {0x2021, 0x87},
+      {0x02C6, 0x88}, {0x2030, 0x89}, {0x0160, 0x8A}, {0x2039, 0x8B}, {0x0152, 0x8C}, {0x017D, 0x8E}, {0x2018, 0x91},
+      {0x2019, 0x92}, {0x201C, 0x93}, {0x201D, 0x94}, {0x2022, 0x95}, {0x2013, 0x96}, {0x2014, 0x97}, {0x02DC, 0x98},
+      {0x2122, 0x99}, {0x0161, 0x9A}, {0x203A, 0x9B}, {0x0153, 0x9C}, {0x017E, 0x9E}, {0x0178, 0x9F}};
+  if (c < 0x100) return static_cast<int>(c);
+  const auto it = specials.find(c);
+  return it == specials.end() ? -1 : it->second;
+}
+
+// ftfy's fix_encoding for its common case, word by word: UTF-8 that was decoded as Windows-1252 ("cafÃ©" -> "café").
+// A word is re-decoded only when all of it maps back to bytes that form valid UTF-8 with a multi-byte sequence.
+std::u32string fix_mojibake(const std::u32string& in) {
+  std::u32string out;
+  size_t i = 0;
+  while (i < in.size()) {
+    size_t j = i;
+    while (j < in.size() && !is_space(in[j])) ++j;
+    std::string bytes;
+    bool ok = j > i, multi = false;
+    for (size_t k = i; ok && k < j; ++k) {
+      const int b = cp1252_byte(in[k]);
+      if (b < 0) ok = false;
+      else bytes.push_back(static_cast<char>(b));
+      if (b >= 0x80) multi = true;
+    }
+    const auto decoded = ok && multi ? decode_utf8(bytes) : std::u32string();
+    const bool valid = ok && multi && decoded.find(char32_t(0xFFFD)) == std::u32string::npos &&
+                       decoded.size() < static_cast<size_t>(j - i);
+    out += valid ? decoded : in.substr(i, j - i);
+    while (j < in.size() && is_space(in[j])) out.push_back(in[j++]);
+    i = j;
+  }
+  return out;
+}
+
+// A subset of ftfy.fix_text's default fixes: mojibake of the UTF-8-as-Windows-1252 kind, terminal escapes and
+// control characters removed, curly quotes made straight, full-width ASCII and Latin ligatures expanded, line breaks
+// unified. (NFC and the rarer fixes are left to SentencePiece's NFKC.)
+std::u32string ftfy_subset(const std::u32string& text) {
+  const std::u32string in = fix_mojibake(text);
+  static const std::map<char32_t, std::u32string> ligatures = {
+      {0xFB00, U"ff"}, {0xFB01, U"fi"}, {0xFB02, U"fl"}, {0xFB03, U"ffi"}, {0xFB04, U"ffl"}, {0xFB05, U"st"},
+      {0xFB06, U"st"}, {0x0132, U"IJ"}, {0x0133, U"ij"}};
   std::u32string out;
   out.reserve(in.size());
   for (size_t i = 0; i < in.size(); ++i) {
@@ -91,7 +134,11 @@ std::u32string ftfy_subset(const std::u32string& in) {
         continue;
       }
     }
-    if (c == 0x02BC || (c >= 0x2018 && c <= 0x201B)) out.push_back(U'\'');
+    const auto lig = ligatures.find(c);
+    if (lig != ligatures.end()) out += lig->second;
+    else if (c >= 0xFF01 && c <= 0xFF5E) out.push_back(c - 0xFEE0);  // full-width ASCII
+    else if (c == 0x3000) out.push_back(U' ');
+    else if (c == 0x02BC || (c >= 0x2018 && c <= 0x201B)) out.push_back(U'\'');
     else if (c >= 0x201C && c <= 0x201F) out.push_back(U'"');
     else if (c == U'\r') {  // fix_line_breaks: CRLF and CR -> LF
       out.push_back(U'\n');
@@ -169,19 +216,18 @@ std::u32string strip(const std::u32string& s) {
 }  // namespace
 
 Tokenizer::Tokenizer(const std::string& path, int64_t text_len)
-    : sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()), text_len_(text_len) {
+    : text_len_(text_len) {
   path_ = is_dir(path) ? path + "/spiece.model" : path;
   if (text_len <= 0) throw TextError("tokenizer: text_len must be positive (got " + std::to_string(text_len) + ")");
   struct stat st {};
   if (::stat(path_.c_str(), &st) != 0)
     throw TextError(path_ + ": missing. Give the umT5 tokenizer's spiece.model or the folder that holds it (the "
                     "checkpoint's google/umt5-xxl)");
-  const auto status = sp_->Load(path_);
-  if (!status.ok()) throw TextError(path_ + ": not a SentencePiece model: " + status.ToString());
+  sp_ = std::make_unique<SpmProcessor>(path_);  // throws TextError naming the file
   // T5's special pieces, looked up by name as HF does.
-  const int eos = sp_->PieceToId("</s>"), pad = sp_->PieceToId("<pad>");
-  eos_id_ = eos != sp_->unk_id() || sp_->IdToPiece(eos) == "</s>" ? eos : sp_->eos_id();
-  pad_id_ = pad != sp_->unk_id() || sp_->IdToPiece(pad) == "<pad>" ? pad : sp_->pad_id();
+  const int eos = sp_->piece_to_id("</s>"), pad = sp_->piece_to_id("<pad>");
+  eos_id_ = eos != sp_->unk_id() || sp_->id_to_piece(eos) == "</s>" ? eos : sp_->eos_id();
+  pad_id_ = pad != sp_->unk_id() || sp_->id_to_piece(pad) == "<pad>" ? pad : sp_->pad_id();
   if (eos_id_ < 0 || pad_id_ < 0)
     throw TextError(path_ + ": the model has no </s> or <pad> piece (not a T5 SentencePiece model)");
 }
@@ -210,9 +256,7 @@ std::string Tokenizer::clean(const std::string& text) {
 }
 
 std::vector<int64_t> Tokenizer::pieces(const std::string& text) const {
-  std::vector<int> ids;
-  const auto status = sp_->Encode(text, &ids);
-  if (!status.ok()) throw TextError(path_ + ": tokenization failed: " + status.ToString());
+  const std::vector<int> ids = sp_->encode(text);
   return {ids.begin(), ids.end()};
 }
 
@@ -228,6 +272,6 @@ Tokens Tokenizer::encode(const std::string& text) const {
   return t;
 }
 
-int64_t Tokenizer::piece_count() const { return sp_->GetPieceSize(); }
+int64_t Tokenizer::piece_count() const { return sp_->piece_size(); }
 
 }  // namespace liveavatar::text
