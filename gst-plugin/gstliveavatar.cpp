@@ -138,6 +138,7 @@ struct Settings {
 // Runtime state, touched only by the aggregate thread (and start/stop while that thread is stopped).
 struct State {
   std::unique_ptr<liveavatar::Engine> engine;
+  std::string engine_key;  // the settings the engine was made with: kept across stop/start while they match
   bool have_reference = false;
   GstBuffer* last_image = nullptr;  // to skip re-sending an identical picture (imagefreeze)
   GstVideoInfo out_info;
@@ -574,7 +575,7 @@ static GstFlowReturn gst_live_avatar_aggregate(GstAggregator* agg, gboolean time
 static GstFlowReturn gst_live_avatar_update_src_caps(GstAggregator* agg, GstCaps* downstream, GstCaps** ret) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
   State& st = self->priv->state;
-  if (!st.engine || !st.engine->has_reference()) return GST_AGGREGATOR_FLOW_NEED_DATA;  // size unknown yet
+  if (!st.engine || !st.have_reference) return GST_AGGREGATOR_FLOW_NEED_DATA;  // size unknown yet
   int w, h;
   GST_OBJECT_LOCK(self);
   w = self->priv->settings.width;
@@ -744,11 +745,22 @@ static gboolean gst_live_avatar_start(GstAggregator* agg) {
     GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("Set both width and height, or neither."), (nullptr));
     return FALSE;
   }
+  // Loading the neural model takes long: an engine made with the same settings is kept from the last run.
+  const std::string key = config.backend + "|" + std::to_string(config.width) + "x" + std::to_string(config.height) +
+                          "|" + std::to_string(config.seed) + "|" + settings.mouth_box + "|" + config.model_dir +
+                          "|" + config.lora + "|" + config.prompt + "|" + config.precision;
   GstMessage* msg = gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_START, "load",
                                              "Loading the avatar backend");
   gst_element_post_message(GST_ELEMENT(self), msg);
   try {
-    priv->state.engine = liveavatar::Engine::create(config);
+    if (priv->state.engine && priv->state.engine_key == key) {
+      GST_INFO_OBJECT(self, "reusing the loaded engine");
+      priv->state.engine->set_output_size({config.width, config.height});  // forget the last negotiated size
+    } else {
+      priv->state.engine.reset();
+      priv->state.engine = liveavatar::Engine::create(config);
+      priv->state.engine_key = key;
+    }
   } catch (const liveavatar::Error& e) {
     gst_element_post_message(GST_ELEMENT(self), gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_ERROR,
                                                                          "load", "Loading failed"));
@@ -773,7 +785,7 @@ static gboolean gst_live_avatar_start(GstAggregator* agg) {
 static gboolean gst_live_avatar_stop(GstAggregator* agg) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
   State& st = self->priv->state;
-  st.engine.reset();
+  if (st.engine) st.engine->reset();  // kept for the next start with the same settings
   gst_buffer_replace(&st.last_image, nullptr);
   if (st.to_i420) {
     gst_video_converter_free(st.to_i420);

@@ -230,6 +230,9 @@ void make_tiny_checkpoint(const std::string& dir, const ModelConfig& config, uin
 
   save_pth(dir + "/" + OfficialFiles::kVae, random_weights(vae_layout(config.vae), gen));
   save_pth(dir + "/" + OfficialFiles::kT5, random_weights(t5_layout(config.t5), gen));
+  const std::string tokenizer_dir = dit_dir + "/google/umt5-xxl";
+  make_dirs(tokenizer_dir);
+  write_tiny_tokenizer(tokenizer_dir, config.t5.vocab_size);
 
   save_safetensors(w2v_dir + "/model.safetensors", random_weights(wav2vec2_layout(config.wav2vec2), gen),
                    {{"format", "pt"}});

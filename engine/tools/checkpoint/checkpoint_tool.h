@@ -39,4 +39,7 @@ InspectResult inspect_checkpoint(const std::string& dir);
 /// wav2vec2 folder (config.json + model.safetensors), LiveAvatar/liveavatar.safetensors (PEFT keys).
 void make_tiny_checkpoint(const std::string& dir, const ModelConfig& config, uint64_t seed, int shards = 2);
 
+/// Trains the tiny checkpoint's SentencePiece tokenizer into folder/spiece.model (umT5 special ids).
+void write_tiny_tokenizer(const std::string& folder, int64_t vocab_size);
+
 }  // namespace liveavatar::weights

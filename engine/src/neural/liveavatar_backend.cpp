@@ -1,0 +1,351 @@
+// Backend "liveavatar": the LiveAvatar pipeline on LibTorch, single device plan.
+//   portrait -> Wan2.1 VAE -> reference latent (TPP: encode(ref)) + 19 motion latents (encode(ref x 73))
+//   prompt   -> umT5 -> text context (cached on disk, encoder freed)
+//   speech   -> wav2vec2 (incremental, bounded left context) -> 25 hidden states per video frame
+//   per block of 12 video frames: DiT (4 Euler steps, KV ring, conditioning sink) -> 3 latent frames
+//            -> streaming VAE decoder (primed with 7 motion latents) -> 12 RGB frames
+// SPDX-License-Identifier: LGPL-2.1-or-later
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "../backend.h"
+#include "liveavatar/audio_encoder.h"
+#include "liveavatar/dit.h"
+#include "liveavatar/text_encoder.h"
+#include "liveavatar/vae.h"
+#include "liveavatar/weights.h"
+
+namespace liveavatar {
+namespace {
+
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+// The files of a LiveAvatar installation, as the upstream README lays them out:
+//   <model_dir>/Wan2.2-S2V-14B/{config.json, diffusion_pytorch_model*.safetensors(+index), Wan2.1_VAE.pth,
+//                               models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/, wav2vec2-large-xlsr-53-english/}
+//   <model_dir>/LiveAvatar/liveavatar.safetensors
+struct ModelFiles {
+  std::string base, dit_config, dit_index, dit_single, vae, t5, tokenizer, wav2vec2, lora;
+
+  static ModelFiles locate(const EngineConfig& c) {
+    if (c.model_dir.empty())
+      throw Error("backend=liveavatar needs model-dir: the folder holding Wan2.2-S2V-14B/ and LiveAvatar/ "
+                  "(see the README for the files; `liveavatar-checkpoint make-tiny DIR` writes a tiny test set)");
+    ModelFiles f;
+    f.base = exists(c.model_dir + "/Wan2.2-S2V-14B") ? c.model_dir + "/Wan2.2-S2V-14B" : c.model_dir;
+    f.dit_config = f.base + "/config.json";
+    f.dit_index = f.base + "/diffusion_pytorch_model.safetensors.index.json";
+    f.dit_single = f.base + "/diffusion_pytorch_model.safetensors";
+    f.vae = f.base + "/Wan2.1_VAE.pth";
+    f.t5 = f.base + "/models_t5_umt5-xxl-enc-bf16.pth";
+    f.tokenizer = f.base + "/google/umt5-xxl";
+    f.wav2vec2 = f.base + "/wav2vec2-large-xlsr-53-english";
+    auto need = [](const std::string& path, const char* what) {
+      if (!exists(path)) throw Error("model-dir is missing " + path + " (" + what + ")");
+    };
+    need(f.dit_config, "the DiT's config.json");
+    if (!exists(f.dit_index) && !exists(f.dit_single))
+      throw Error("model-dir is missing the DiT weights: neither " + f.dit_index + " nor " + f.dit_single);
+    need(f.vae, "the Wan2.1 VAE");
+    need(f.t5, "the umT5 text encoder");
+    need(f.tokenizer, "the umT5 tokenizer folder with spiece.model");
+    need(f.wav2vec2, "the wav2vec2 audio encoder folder");
+    if (!c.lora.empty()) {
+      need(c.lora, "the LoRA given by the lora setting");
+      f.lora = c.lora;
+    } else if (exists(c.model_dir + "/LiveAvatar/liveavatar.safetensors")) {
+      f.lora = c.model_dir + "/LiveAvatar/liveavatar.safetensors";
+    }
+    return f;
+  }
+};
+
+// Shapes that upstream hard-codes for the real model are read off the checkpoint tensors instead, so a tiny test
+// checkpoint in the official layout loads through the same code.
+vae::VaeConfig infer_vae_config(const weights::Checkpoint& ckpt, const std::string& file) {
+  vae::VaeConfig c;
+  auto it = ckpt.tensors.find("encoder.conv1.weight");
+  if (it == ckpt.tensors.end()) throw Error(file + " has no encoder.conv1.weight: not a Wan2.1 VAE state dict");
+  c.dim = it->second.size(0);
+  return c;
+}
+
+text::T5Config infer_t5_config(const weights::Checkpoint& ckpt, const std::string& file, int64_t text_len) {
+  auto get = [&](const std::string& key) {
+    auto it = ckpt.tensors.find(key);
+    if (it == ckpt.tensors.end()) throw Error(file + " has no " + key + ": not a umT5 encoder state dict");
+    return it->second;
+  };
+  text::T5Config c;
+  const auto emb = get("token_embedding.weight");
+  c.vocab_size = emb.size(0);
+  c.dim = emb.size(1);
+  c.dim_attn = get("blocks.0.attn.q.weight").size(0);
+  c.dim_ffn = get("blocks.0.ffn.fc1.weight").size(0);
+  const auto rel = get("blocks.0.pos_embedding.embedding.weight");
+  c.num_buckets = rel.size(0);
+  c.num_heads = rel.size(1);
+  int64_t layers = 0;
+  while (ckpt.tensors.count("blocks." + std::to_string(layers) + ".attn.q.weight")) ++layers;
+  c.num_layers = layers;
+  c.text_len = text_len;
+  return c;
+}
+
+// Immutable weights of one model folder, shared by every stream that uses the same files and precision.
+struct Models {
+  ModelFiles files;
+  dit::ModelConfig dit_config;
+  std::unique_ptr<dit::Model> dit;
+  std::unique_ptr<vae::WanVae> vae;
+  std::unique_ptr<audio::AudioEncoder> audio;
+  text::CacheOptions text_options;
+
+  Models(const EngineConfig& c) : files(ModelFiles::locate(c)) {
+    c10::NoGradGuard no_grad;
+    const c10::Device device = c.device == "cuda" ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+    if (c.device != "cpu" && c.device != "cuda") throw Error("device must be cpu or cuda, got " + c.device);
+    if (c.precision != "fp32" && c.precision != "bf16")
+      throw Error("precision must be fp32 or bf16, got " + c.precision);
+    const auto dtype = c.precision == "bf16" ? c10::kBFloat16 : c10::kFloat;
+
+    dit_config = dit::ModelConfig::from_json_file(files.dit_config);
+    dit_config.validate();
+    auto dit_ckpt = exists(files.dit_index) ? weights::load_sharded_safetensors(files.dit_index)
+                                            : weights::load_safetensors(files.dit_single);
+    if (!files.lora.empty()) {
+      // The published LoRA is r = 128, alpha = 64. The file does not say so; the rank is in the tensors, and the
+      // scale alpha / r = 0.5 is kept for any rank (a tiny test checkpoint uses r = 4, alpha = 2).
+      const auto lora = weights::load_safetensors(files.lora);
+      weights::LoraOptions lo;
+      for (const auto& kv : lora.tensors)
+        if (kv.first.find("lora_A") != std::string::npos && kv.second.dim() == 2) {
+          lo.rank = kv.second.size(0);
+          break;
+        }
+      lo.alpha = 0.5 * static_cast<double>(lo.rank);
+      weights::merge_lora(dit_ckpt, lora, lo);
+    }
+    dit = std::make_unique<dit::Model>(dit_config, device, dtype);
+    dit->load(dit_ckpt);
+
+    auto vae_ckpt = weights::load_pth(files.vae);
+    vae = std::make_unique<vae::WanVae>(infer_vae_config(vae_ckpt, files.vae), device, c10::kFloat);
+    vae->load(vae_ckpt);
+
+    audio = std::make_unique<audio::AudioEncoder>(audio::AudioEncoder::from_folder(files.wav2vec2, device));
+    const auto& ac = audio->config();
+    if (ac.hidden_size != dit_config.audio_dim || ac.num_hidden_states() != dit_config.audio_layers)
+      throw Error("the wav2vec2 in " + files.wav2vec2 + " gives " + std::to_string(ac.num_hidden_states()) +
+                  " states of width " + std::to_string(ac.hidden_size) + " but the DiT expects " +
+                  std::to_string(dit_config.audio_layers) + " of width " + std::to_string(dit_config.audio_dim) +
+                  ": the files come from different models");
+
+    auto t5_ckpt = weights::load_pth(files.t5);
+    text_options.checkpoint = files.t5;
+    text_options.tokenizer = files.tokenizer;
+    text_options.config = infer_t5_config(t5_ckpt, files.t5, dit_config.text_len);
+    text_options.device = device;
+    if (text_options.config.dim != dit_config.text_dim)
+      throw Error("the umT5 encoder in " + files.t5 + " is " + std::to_string(text_options.config.dim) +
+                  " wide but the DiT expects text_dim " + std::to_string(dit_config.text_dim) +
+                  ": the files come from different models");
+  }
+};
+
+// One Models per (files, precision, device), kept while any engine uses it.
+std::shared_ptr<Models> shared_models(const EngineConfig& c) {
+  static std::mutex mutex;
+  static std::map<std::string, std::weak_ptr<Models>> cache;
+  const std::string key = c.model_dir + "\n" + c.lora + "\n" + c.precision + "\n" + c.device;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto m = cache[key].lock()) return m;
+  auto m = std::make_shared<Models>(c);
+  cache[key] = m;
+  return m;
+}
+
+class LiveAvatarBackend final : public Backend {
+ public:
+  explicit LiveAvatarBackend(const EngineConfig& config)
+      : config_(config), models_(shared_models(config)), spf_(config.sample_rate * config.fps_d / config.fps_n) {
+    if (config.sample_rate != 16000 || config.fps_n != 25 || config.fps_d != 1)
+      throw Error("backend=liveavatar runs at 16000 Hz audio and 25 fps video");
+    text::EmbeddingCache cache(models_->text_options);
+    text_context_ = cache.get_or_compute(config.prompt).to(at::kFloat);  // the encoder is freed with `cache`
+    reset();
+  }
+
+  void set_reference(const RgbImage& image, Size output, std::vector<std::string>* warnings) override {
+    (void)warnings;
+    reference_ = image;
+    set_output_size(output);
+  }
+
+  void set_output_size(Size output) override {
+    if (output.width % 16 || output.height % 16)
+      throw Error("backend=liveavatar needs width and height in multiples of 16 (the VAE downsamples by 8 and the "
+                  "DiT patches 2x2), got " + std::to_string(output.width) + "x" + std::to_string(output.height));
+    if (session_ && session_->blocks_done() > 0 && (output.width != size_.width || output.height != size_.height))
+      throw Error("backend=liveavatar cannot change the output size in the middle of a stream");
+    size_ = output;
+    conditioned_ = false;  // encoded lazily, at the first audio, so negotiation does not encode twice
+  }
+
+  FaceLayout face_layout() const override {
+    FaceLayout l;
+    l.face = {0, 0, size_.width, size_.height};
+    return l;
+  }
+
+  void push_audio_frames(const float* samples, int frames) override {
+    c10::NoGradGuard no_grad;
+    condition();
+    stream_->push(samples, static_cast<size_t>(frames) * spf_);
+    append_features(stream_->pop());
+    run_blocks(/*at_end=*/false);
+  }
+
+  void finish(int64_t total_frames) override {
+    c10::NoGradGuard no_grad;
+    condition();
+    append_features(stream_->finish());
+    // The last block is padded with silent features (zeros, as upstream pads its audio buckets); the engine shows
+    // only the frames up to total_frames.
+    const int64_t have = frames_queued_ + pending_frames();
+    if (total_frames > have) append_features(at::zeros({models_->dit_config.audio_layers,
+                                                         models_->dit_config.audio_dim, total_frames - have}));
+    run_blocks(/*at_end=*/true);
+  }
+
+  bool render_next(Frame* frame) override {
+    if (ready_.empty()) return false;
+    *frame = std::move(ready_.front());
+    ready_.pop_front();
+    return true;
+  }
+
+  void reset() override {
+    session_.reset();
+    decoder_.reset();
+    audio::StreamOptions so;
+    so.min_frames = block_frames();
+    stream_ = std::make_unique<audio::AudioStream>(*models_->audio, so);
+    features_ = at::Tensor();
+    ready_.clear();
+    frames_queued_ = 0;
+    conditioned_ = false;
+  }
+
+ private:
+  int64_t block_frames() const { return 4 * models_->dit_config.frames_per_block; }
+  int64_t pending_frames() const { return features_.defined() ? features_.size(2) : 0; }
+
+  void append_features(const at::Tensor& f) {
+    if (!f.defined() || f.size(2) == 0) return;
+    features_ = features_.defined() ? at::cat({features_, f.to(at::kFloat)}, 2) : f.to(at::kFloat);
+  }
+
+  // Reference + motion latents and the conditioning sink, for the current picture and size.
+  void condition() {
+    if (conditioned_) return;
+    if (reference_.data.empty()) throw Error("backend=liveavatar: no reference image");
+    const int64_t w = size_.width, h = size_.height;
+    // Cover-fit the portrait to the output size (scale, centre crop), as upstream's resize_and_centercrop.
+    auto img = at::from_blob(const_cast<uint8_t*>(reference_.data.data()), {reference_.height, reference_.width, 3},
+                             at::kByte)
+                   .permute({2, 0, 1})
+                   .unsqueeze(0)
+                   .to(at::kFloat);
+    const double s = std::max(static_cast<double>(w) / reference_.width, static_cast<double>(h) / reference_.height);
+    const int64_t sw = std::max<int64_t>(w, static_cast<int64_t>(std::lround(reference_.width * s)));
+    const int64_t sh = std::max<int64_t>(h, static_cast<int64_t>(std::lround(reference_.height * s)));
+    img = at::upsample_bilinear2d(img, {sh, sw}, /*align_corners=*/false);
+    img = img.narrow(2, (sh - h) / 2, h).narrow(3, (sw - w) / 2, w);
+    const auto device = models_->vae->device();
+    auto ref = (img / 127.5 - 1.0).clamp(-1.0, 1.0).unsqueeze(2).to(device);  // [1, 3, 1, H, W] in [-1, 1]
+    const auto ref_latent = models_->vae->encode(ref);                          // [1, 16, 1, h, w]
+    const auto motion = models_->vae->encode(ref.expand({1, 3, models_->dit_config.motion_frames, h, w}).contiguous());
+    dit::SessionOptions so;
+    so.seed = config_.seed;
+    so.rope_seed = config_.seed;
+    session_ = std::make_unique<dit::Session>(*models_->dit, so);
+    session_->set_condition(ref_latent[0].to(models_->dit->dtype()), motion[0].to(models_->dit->dtype()),
+                            text_context_.to(models_->dit->device(), models_->dit->dtype()));
+    decoder_ = std::make_unique<vae::StreamingDecoder>(*models_->vae);
+    decoder_->prime(motion.narrow(2, 0, std::min<int64_t>(7, motion.size(2))));
+    conditioned_ = true;
+  }
+
+  void run_blocks(bool at_end) {
+    const int64_t n = block_frames();
+    while (pending_frames() >= n || (at_end && pending_frames() > 0)) {
+      at::Tensor audio = features_.narrow(2, 0, std::min(n, pending_frames()));
+      features_ = pending_frames() > n ? features_.narrow(2, n, pending_frames() - n).contiguous() : at::Tensor();
+      if (audio.size(2) < n)
+        audio = at::cat({audio, at::zeros({audio.size(0), audio.size(1), n - audio.size(2)})}, 2);
+      const auto block = session_->generate_block(audio.to(models_->dit->device(), models_->dit->dtype()));
+      if (!at::isfinite(block.latents).all().item<bool>())
+        throw Error("backend=liveavatar: the DiT produced NaN or infinity in block " +
+                    std::to_string(session_->blocks_done() - 1) + " (try precision=fp32)");
+      const auto video = decoder_->decode_block(block.latents.unsqueeze(0).to(models_->vae->dtype()));
+      queue_frames(video[0]);  // [3, T, H, W] in [-1, 1]
+    }
+  }
+
+  void queue_frames(const at::Tensor& video) {
+    const auto u8 = ((video.to(at::kFloat).clamp(-1, 1) + 1.0) * 127.5)
+                        .round()
+                        .to(at::kByte)
+                        .permute({1, 2, 3, 0})  // [T, H, W, 3]
+                        .contiguous()
+                        .cpu();
+    for (int64_t t = 0; t < u8.size(0); ++t) {
+      Frame f;
+      f.index = frames_queued_++;
+      f.width = static_cast<int>(u8.size(2));
+      f.height = static_cast<int>(u8.size(1));
+      const auto* p = u8[t].data_ptr<uint8_t>();
+      f.rgb.assign(p, p + static_cast<size_t>(f.width) * f.height * 3);
+      ready_.push_back(std::move(f));
+    }
+  }
+
+  EngineConfig config_;
+  std::shared_ptr<Models> models_;
+  int spf_;
+  at::Tensor text_context_;
+  RgbImage reference_;
+  Size size_;
+  bool conditioned_ = false;
+  std::unique_ptr<dit::Session> session_;
+  std::unique_ptr<vae::StreamingDecoder> decoder_;
+  std::unique_ptr<audio::AudioStream> stream_;
+  at::Tensor features_;  // [layers, dim, frames] not yet given to the DiT
+  std::deque<Frame> ready_;
+  int64_t frames_queued_ = 0;
+};
+
+std::unique_ptr<Backend> make_liveavatar_backend(const EngineConfig& config) {
+  return std::make_unique<LiveAvatarBackend>(config);
+}
+
+}  // namespace
+
+bool register_neural_backend() {
+  register_backend("liveavatar", &make_liveavatar_backend);
+  return true;
+}
+
+}  // namespace liveavatar
