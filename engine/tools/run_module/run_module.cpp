@@ -73,6 +73,9 @@ void put_cache(TensorMap& out, const std::string& prefix, const std::vector<Laye
 // VAE modules (run_vae.cpp).
 std::string vae_modules_help();
 bool run_vae(const RunRequest& request, const TensorMap& inputs, TensorMap& out);
+// Encoder modules (run_encoders.cpp).
+std::string encoder_modules_help();
+bool run_encoders(const RunRequest& request, const TensorMap& inputs, TensorMap& out);
 
 std::string modules_help() {
   return R"(Modules (inputs -> outputs; latents unbatched [C, F, H, W], a leading batch of 1 is accepted):
@@ -92,12 +95,13 @@ std::string modules_help() {
                                                             -> latents.<b> [16, F, H, W], latents (all blocks on F),
                                                                velocity.<b>.<step>,
                                                                rope_offsets, timesteps, sigmas)" +
-         std::string("\n") + vae_modules_help();
+         std::string("\n") + vae_modules_help() + "\n" + encoder_modules_help();
 }
 
 TensorMap run(const RunRequest& request, const TensorMap& inputs) {
   at::NoGradGuard no_grad;
   if (TensorMap vae_out; run_vae(request, inputs, vae_out)) return vae_out;
+  if (TensorMap enc_out; run_encoders(request, inputs, enc_out)) return enc_out;
   const ModelConfig config = resolve_config(request);
   const std::string& mod = request.module;
   TensorMap out;
