@@ -1,43 +1,32 @@
 // The umT5 tokenizer of the tiny checkpoint: a SentencePiece unigram model trained here, with umT5's special ids
 // (pad 0, eos 1, unk 2, no bos), so the text path of a tiny checkpoint runs through the real tokenizer code.
 // SPDX-License-Identifier: LGPL-2.1-or-later
-#include <sentencepiece_processor.h>
-#include <sentencepiece_trainer.h>
-
 #include <fstream>
 #include <string>
 #include <vector>
 
 #include "checkpoint_tool.h"
+#include "spm.h"
 
 namespace liveavatar::weights {
 
 namespace {
 
-// A fixed corpus with a small alphabet (to fit a tiny vocabulary), fed from memory so that no file path ends up in
+// A fixed corpus with a small alphabet (to fit a tiny vocabulary), given from memory so that no file path ends up in
 // the trained model: the same model bytes come out every time.
-class Corpus : public sentencepiece::SentenceIterator {
- public:
-  Corpus() {
-    static const char* const kWords[] = {"a",     "person", "is",    "talking", "to",     "the",  "camera", "she",
-                                         "he",    "smiles", "and",   "speaks",  "in",     "room", "light",  "calm",
-                                         "voice", "face",   "looks", "at",      "viewer", "news", "studio", "hello"};
-    const size_t n = sizeof(kWords) / sizeof(kWords[0]);
-    for (size_t i = 0; i < 400; ++i) {
-      std::string s;
-      for (size_t k = 0; k < 6; ++k) s += (k ? " " : "") + std::string(kWords[(i * 7 + k * 5 + i / 3) % n]);
-      lines_.push_back(s);
-    }
+std::vector<std::string> corpus() {
+  static const char* const kWords[] = {"a",     "person", "is",    "talking", "to",     "the",  "camera", "she",
+                                       "he",    "smiles", "and",   "speaks",  "in",     "room", "light",  "calm",
+                                       "voice", "face",   "looks", "at",      "viewer", "news", "studio", "hello"};
+  const size_t n = sizeof(kWords) / sizeof(kWords[0]);
+  std::vector<std::string> lines;
+  for (size_t i = 0; i < 400; ++i) {
+    std::string s;
+    for (size_t k = 0; k < 6; ++k) s += (k ? " " : "") + std::string(kWords[(i * 7 + k * 5 + i / 3) % n]);
+    lines.push_back(s);
   }
-  bool done() const override { return pos_ >= lines_.size(); }
-  void Next() override { ++pos_; }
-  const std::string& value() const override { return lines_[pos_]; }
-  sentencepiece::util::Status status() const override { return sentencepiece::util::Status(); }
-
- private:
-  std::vector<std::string> lines_;
-  size_t pos_ = 0;
-};
+  return lines;
+}
 
 }  // namespace
 
@@ -46,11 +35,12 @@ void write_tiny_tokenizer(const std::string& folder, int64_t vocab_size) {
   const std::string args = "--model_type=unigram --vocab_size=" + std::to_string(vocab_size) +
                            " --character_coverage=1.0 --pad_id=0 --eos_id=1 --unk_id=2 --bos_id=-1"
                            " --hard_vocab_limit=false --num_threads=1 --minloglevel=2";
-  sentencepiece::SetRandomGeneratorSeed(1);
-  Corpus corpus;
   std::string model;
-  const auto status = sentencepiece::SentencePieceTrainer::Train(args, &corpus, &model);
-  if (!status.ok()) throw WeightsError(path, "training the tiny tokenizer failed: " + std::string(status.ToString()));
+  try {
+    model = text::spm_train(args, corpus(), /*seed=*/1);
+  } catch (const Error& e) {
+    throw WeightsError(path, e.what());
+  }
   std::ofstream out(path, std::ios::binary);
   out.write(model.data(), static_cast<std::streamsize>(model.size()));
   if (!out) throw WeightsError(path, "cannot write the tokenizer");

@@ -28,6 +28,10 @@ class SpmProcessor {
   void* handle_ = nullptr;
 };
 
+/// Trains a SentencePiece model from `sentences` with trainer flags `args` and a fixed seed; returns the serialized
+/// model (the bytes of a spiece.model). Throws liveavatar::Error on failure.
+std::string spm_train(const std::string& args, const std::vector<std::string>& sentences, unsigned seed = 1);
+
 /// Where the module is looked for: $LIVEAVATAR_SPM_MODULE, then the install and build locations.
 std::vector<std::string> spm_module_candidates();
 

@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include "spm.h"
 
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE  // dlmopen
+#endif
 #include <dlfcn.h>
 
 #include <cstdlib>
 #include <mutex>
 
-#include "liveavatar/text_encoder.h"
+#include "liveavatar/engine.h"
 
 #ifndef LIVEAVATAR_SPM_MODULE_INSTALLED
 #define LIVEAVATAR_SPM_MODULE_INSTALLED ""
@@ -27,15 +30,19 @@ struct Api {
   int (*id_to_piece)(void*, int, char*, size_t) = nullptr;
   int (*special_id)(void*, int) = nullptr;
   int (*encode)(void*, const char*, int*, size_t, char*, size_t) = nullptr;
+  int (*train)(const char*, const char* const*, size_t, unsigned, char**, size_t*, char*, size_t) = nullptr;
+  void (*free_buffer)(char*) = nullptr;
 };
 
 template <typename F>
 void bind(void* lib, const char* name, F& fn, const std::string& path) {
   fn = reinterpret_cast<F>(dlsym(lib, name));
-  if (!fn) throw TextError(path + " lacks " + name + ": rebuild the project (ninja -C build)");
+  if (!fn) throw Error(path + " lacks " + name + ": rebuild the project (ninja -C build)");
 }
 
-// Loaded once per process; RTLD_DEEPBIND makes sentencepiece resolve protobuf inside its own copy first.
+// Loaded once per process into a link-map namespace of its own (dlmopen LM_ID_NEWLM): sentencepiece, its protobuf
+// copy and the C++ runtime it uses see nothing of the rest of the process (RTLD_DEEPBIND alone is not enough: it
+// binds the module to libstdc++'s own std::cerr while an executable's copy relocation holds the live one).
 const Api& api() {
   static std::once_flag once;
   static Api a;
@@ -43,7 +50,7 @@ const Api& api() {
   std::call_once(once, [] {
     std::string tried;
     for (const auto& path : spm_module_candidates()) {
-      void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+      void* lib = dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
       if (!lib) {
         tried += "\n  " + path + ": " + dlerror();
         continue;
@@ -56,8 +63,10 @@ const Api& api() {
         bind(lib, "la_spm_id_to_piece", a.id_to_piece, path);
         bind(lib, "la_spm_special_id", a.special_id, path);
         bind(lib, "la_spm_encode", a.encode, path);
+        bind(lib, "la_spm_train", a.train, path);
+        bind(lib, "la_spm_free_buffer", a.free_buffer, path);
         return;
-      } catch (const TextError& e) {
+      } catch (const Error& e) {
         tried += "\n  " + std::string(e.what());
         a = Api{};
       }
@@ -65,7 +74,7 @@ const Api& api() {
     error = "cannot load the SentencePiece module (liveavatar-spm): set LIVEAVATAR_SPM_MODULE to its path; tried:" +
             tried;
   });
-  if (!a.load) throw TextError(error);
+  if (!a.load) throw Error(error);
   return a;
 }
 
@@ -82,7 +91,7 @@ std::vector<std::string> spm_module_candidates() {
 SpmProcessor::SpmProcessor(const std::string& model_path) {
   char err[512] = {0};
   handle_ = api().load(model_path.c_str(), err, sizeof err);
-  if (!handle_) throw TextError(model_path + ": not a SentencePiece model (" + err + ")");
+  if (!handle_) throw Error(model_path + ": not a SentencePiece model (" + err + ")");
 }
 
 SpmProcessor::~SpmProcessor() {
@@ -93,13 +102,26 @@ std::vector<int> SpmProcessor::encode(const std::string& text) const {
   std::vector<int> ids(text.size() + 16);
   char err[512] = {0};
   int n = api().encode(handle_, text.c_str(), ids.data(), ids.size(), err, sizeof err);
-  if (n < 0) throw TextError(std::string("SentencePiece cannot encode the prompt: ") + err);
+  if (n < 0) throw Error(std::string("SentencePiece cannot encode the prompt: ") + err);
   if (static_cast<size_t>(n) > ids.size()) {
     ids.resize(static_cast<size_t>(n));
     n = api().encode(handle_, text.c_str(), ids.data(), ids.size(), err, sizeof err);
   }
   ids.resize(static_cast<size_t>(n));
   return ids;
+}
+
+std::string spm_train(const std::string& args, const std::vector<std::string>& sentences, unsigned seed) {
+  std::vector<const char*> ptrs;
+  for (const auto& s : sentences) ptrs.push_back(s.c_str());
+  char* model = nullptr;
+  size_t len = 0;
+  char err[512] = {0};
+  if (api().train(args.c_str(), ptrs.data(), ptrs.size(), seed, &model, &len, err, sizeof err) != 0)
+    throw Error(std::string("training a SentencePiece model failed: ") + err);
+  std::string out(model, len);
+  api().free_buffer(model);
+  return out;
 }
 
 int SpmProcessor::piece_size() const { return api().piece_size(handle_); }
