@@ -11,6 +11,7 @@
 #include "liveavatar/vae.h"
 #include "liveavatar/weights.h"
 #include "modules.h"
+#include "run_module.h"
 
 namespace liveavatar::vae::test {
 namespace {
@@ -162,6 +163,31 @@ TEST_F(VaeGolden, FullDecode) {
   for (int b = 0; b < 3; ++b)
     EXPECT_TRUE(close(video.slice(2, 25 + 12 * b, 37 + 12 * b), t("sdec.block" + std::to_string(b) + "_out"),
                       "full decode frames of block " + std::to_string(b)));
+}
+
+// liveavatar-run-module's VAE modules on the fixture folder (dim 4 read from the checkpoint).
+TEST_F(VaeGolden, RunModuleTool) {
+  dit::tool::RunRequest request;
+  request.weights = VAE_FIXTURES_DIR;
+  request.module = "vae_encode";
+  auto out = dit::tool::run(request, {{"video", t("ref_pixels")[0]}});
+  EXPECT_TRUE(close(out.at("latents"), t("enc_ref1.ref_latents"), "run-module vae_encode"));
+  request.module = "vae_stream_decode";
+  out = dit::tool::run(request, {{"prime", t("sdec.prime_latents")},
+                                 {"latents", at::cat({t("sdec.block0_latents"), t("sdec.block1_latents")}, 2)}});
+  EXPECT_TRUE(close(out.at("video.1"), t("sdec.block1_out"), "run-module vae_stream_decode block 1"));
+  EXPECT_EQ(out.at("video").size(2), 24);
+}
+
+TEST_F(VaeGolden, StreamCacheSize) {
+  // Steady state: one [B, C, 2, h, w] fp32 history per causal conv with a temporal kernel.
+  StreamingDecoder decoder(vae_);
+  decoder.prime(t("sdec.prime_latents"));
+  const auto primed = decoder.cache_bytes();
+  decoder.decode_block(t("sdec.block0_latents"));
+  EXPECT_EQ(decoder.cache_bytes(), primed);
+  std::printf("[cache] dim 4, 32x64 px: %llu bytes\n", static_cast<unsigned long long>(primed));
+  EXPECT_GT(primed, 0u);
 }
 
 }  // namespace

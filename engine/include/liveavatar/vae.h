@@ -56,8 +56,11 @@ struct VaeConfig {
   std::vector<double> latent_std{2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                                  3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160};
 
-  /// The tiny configuration of the golden fixtures (dim 16, everything else as the real VAE).
+  /// A small configuration for tests (dim 16, everything else as the real VAE).
   static VaeConfig tiny();
+  /// The defaults with dim and z_dim read from a checkpoint's shapes (encoder.conv1.weight, conv2.weight), so a
+  /// narrow test checkpoint loads without a config file. Throws VaeError if those keys are missing.
+  static VaeConfig from_checkpoint(const weights::Checkpoint& checkpoint);
   /// Throws VaeError naming the first inconsistent field and the constraint.
   void validate() const;
   /// Pixels per latent pixel (2^(levels - 1) = 8).
@@ -142,6 +145,8 @@ class StreamingDecoder {
   int64_t blocks_decoded() const { return blocks_; }
   /// Latent frames decoded (primed or not) since the last reset().
   int64_t frames_seen() const { return frames_; }
+  /// Bytes held by the causal caches of this stream (grows to its steady size after the first two latent frames).
+  uint64_t cache_bytes() const;
 
  private:
   struct State;

@@ -45,6 +45,12 @@ class FeatureCache {
     next_ = 0;
   }
   size_t size() const { return slots_.size(); }
+  uint64_t bytes() const {
+    uint64_t n = 0;
+    for (const auto& s : slots_)
+      if (s.frames.defined()) n += static_cast<uint64_t>(s.frames.nbytes());
+    return n;
+  }
 
  private:
   std::vector<CacheSlot> slots_;

@@ -17,6 +17,19 @@ VaeConfig VaeConfig::tiny() {
   return c;
 }
 
+VaeConfig VaeConfig::from_checkpoint(const weights::Checkpoint& checkpoint) {
+  auto dim0 = [&](const std::string& key) {
+    const auto it = checkpoint.tensors.find(key);
+    if (it == checkpoint.tensors.end() || it->second.dim() != 5)
+      throw VaeError("VAE checkpoint: no 5-D '" + key + "'; is this a Wan2.1 VAE state dict (Wan2.1_VAE.pth)?");
+    return it->second.size(0);
+  };
+  VaeConfig c;
+  c.dim = dim0("encoder.conv1.weight");
+  c.z_dim = dim0("conv2.weight");
+  return c;
+}
+
 void VaeConfig::validate() const {
   auto fail = [](const std::string& m) { throw VaeError("VAE config: " + m); };
   if (dim <= 0 || dim % 2 != 0) fail("dim must be a positive even number (upsamplers halve it), got " + std::to_string(dim));
@@ -285,6 +298,8 @@ at::Tensor StreamingDecoder::run(const at::Tensor& latents, const char* what) {
     throw;
   }
 }
+
+uint64_t StreamingDecoder::cache_bytes() const { return state_->cache.bytes(); }
 
 void StreamingDecoder::prime(const at::Tensor& latents) { run(latents, "VAE stream prime"); }
 

@@ -4,6 +4,8 @@
 #include <ATen/core/grad_mode.h>
 #include <sys/stat.h>
 
+#include <optional>
+
 #include "liveavatar/vae.h"
 #include "liveavatar/weights.h"
 #include "run_module.h"
@@ -43,8 +45,9 @@ at::Tensor batched(const at::Tensor& t) { return t.dim() == 4 ? t.unsqueeze(0) :
 }  // namespace
 
 std::string vae_modules_help() {
-  return R"(VAE modules (--weights Wan2.1_VAE.pth, a .safetensors or a folder holding one; --tiny: dim 16;
-tensors [B, C, T, H, W], a missing batch dimension is accepted):
+  return R"(VAE modules (--weights Wan2.1_VAE.pth, a .safetensors or a folder holding one: dim and z_dim are read from
+it; without weights, seeded random weights of the real shape, or dim 16 with --tiny; tensors [B, C, T, H, W], a
+missing batch dimension is accepted):
   vae_encode        video [3, 1 + 4k, H, W] in [-1, 1] [, mode (0: chunks 1, 4, 4 ..; 1: chunks 1, rest)]
                                                             -> latents [16, 1 + k, H/8, W/8] (normalised)
   vae_decode        latents [16, T, h, w]                   -> video [3, 1 + 4(T - 1), 8h, 8w] in [-1, 1]
@@ -56,8 +59,18 @@ bool run_vae(const RunRequest& request, const TensorMap& inputs, TensorMap& out)
   const std::string& mod = request.module;
   if (mod != "vae_encode" && mod != "vae_decode" && mod != "vae_stream_decode") return false;
   at::NoGradGuard no_grad;
-  vae::WanVae model(request.tiny ? vae::VaeConfig::tiny() : vae::VaeConfig{}, c10::kCPU, c10::kFloat, request.seed);
-  if (!request.weights.empty()) model.load_file(vae_weights_file(request.weights));
+  // With weights, dim and z_dim come from the checkpoint's shapes; without, --tiny or the real shape.
+  std::optional<weights::Checkpoint> checkpoint;
+  if (!request.weights.empty()) {
+    const auto file = vae_weights_file(request.weights);
+    const std::string ext = ".safetensors";
+    const bool st = file.size() >= ext.size() && file.compare(file.size() - ext.size(), ext.size(), ext) == 0;
+    checkpoint = st ? weights::load_safetensors(file) : weights::load_pth(file);
+  }
+  const auto config = checkpoint ? vae::VaeConfig::from_checkpoint(*checkpoint)
+                                 : (request.tiny ? vae::VaeConfig::tiny() : vae::VaeConfig{});
+  vae::WanVae model(config, c10::kCPU, c10::kFloat, request.seed);
+  if (checkpoint) model.load(*checkpoint);
 
   if (mod == "vae_encode") {
     const auto video = batched(need(inputs, "video", mod));
