@@ -299,14 +299,17 @@ class LiveAvatarBackend final : public Backend {
       if (!at::isfinite(block.latents).all().item<bool>())
         throw Error("backend=liveavatar: the DiT produced NaN or infinity in block " +
                     std::to_string(session_->blocks_done() - 1) + " (try precision=fp32)");
+      // Upstream's real-time pipeline drops the first 3 decoded frames of the very first block (the hand-over from
+      // the motion frames). They are kept here: frame n shows the audio of frame n, so the video stays exactly as
+      // long as the audio.
       const auto video = decoder_->decode_block(block.latents.unsqueeze(0).to(models_->vae->dtype()));
       queue_frames(video[0]);  // [3, T, H, W] in [-1, 1]
     }
   }
 
   void queue_frames(const at::Tensor& video) {
-    const auto u8 = ((video.to(at::kFloat).clamp(-1, 1) + 1.0) * 127.5)
-                        .round()
+    // As upstream writes its frames: uint8(((clamp(x, -1, 1) + 1) / 2) * 255), truncating.
+    const auto u8 = (((video.to(at::kFloat).clamp(-1, 1) + 1.0) / 2.0) * 255.0)
                         .to(at::kByte)
                         .permute({1, 2, 3, 0})  // [T, H, W, 3]
                         .contiguous()
