@@ -65,17 +65,17 @@ struct Frames {
   std::string error;
 };
 
-// One run of the pipeline from PLAYING to EOS: 1.01 s of speech (26 frames).
-Frames run_once(GstElement* pipe) {
+// One run of the pipeline from PLAYING to EOS with `samples` of speech (16160 = 1.01 s = 26 frames).
+Frames run_once(GstElement* pipe, size_t samples = 16160) {
   GstElement* img = gst_bin_get_by_name(GST_BIN(pipe), "img");
   GstElement* aud = gst_bin_get_by_name(GST_BIN(pipe), "aud");
   GstElement* out = gst_bin_get_by_name(GST_BIN(pipe), "out");
   gst_element_set_state(pipe, GST_STATE_PLAYING);
   gst_app_src_push_buffer(GST_APP_SRC(img), portrait_buffer());
   gst_app_src_end_of_stream(GST_APP_SRC(img));
-  for (size_t at = 0; at < 16160; at += 1600)
+  for (size_t at = 0; at < samples; at += 1600)
     gst_app_src_push_buffer(GST_APP_SRC(aud), speech(gst_util_uint64_scale(at, GST_SECOND, 16000),
-                                                     std::min<size_t>(1600, 16160 - at)));
+                                                     std::min<size_t>(1600, samples - at)));
   gst_app_src_end_of_stream(GST_APP_SRC(aud));
   Frames f;
   GstBus* bus = gst_element_get_bus(pipe);
@@ -137,6 +137,17 @@ TEST(ElementNeural, FrameCountTimestampsAndDeterminismAcrossRuns) {
   ASSERT_EQ(b.error, "");
   ASSERT_EQ(b.pts.size(), a.pts.size());
   for (size_t i = 0; i < a.data.size(); ++i) EXPECT_EQ(a.data[i], b.data[i]) << "frame " << i;
+  gst_object_unref(pipe);
+}
+
+// Less audio than one DiT block (12 frames): the block is padded with silent features and trimmed to the audio.
+TEST(ElementNeural, AudioShorterThanOneBlockKeepsItsLength) {
+  GstElement* pipe = make_pipeline();
+  ASSERT_NE(pipe, nullptr);
+  const Frames f = run_once(pipe, 3300);  // 0.206 s -> ceil(5.16) = 6 frames
+  ASSERT_EQ(f.error, "");
+  ASSERT_EQ(f.pts.size(), 6u);
+  for (size_t i = 0; i < f.pts.size(); ++i) EXPECT_EQ(f.pts[i], i * kFrame);
   gst_object_unref(pipe);
 }
 
