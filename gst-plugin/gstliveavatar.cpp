@@ -564,6 +564,9 @@ static GstFlowReturn gst_live_avatar_aggregate(GstAggregator* agg, gboolean time
   GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
   try {
     return gst_live_avatar_aggregate_impl(self, timeout);
+  } catch (const liveavatar::Cancelled&) {
+    GST_DEBUG_OBJECT(self, "engine work cancelled (flush or stop)");
+    return GST_FLOW_FLUSHING;
   } catch (const liveavatar::Error& e) {
     GST_ELEMENT_ERROR(self, STREAM, FAILED, ("%s", e.what()), (nullptr));
   } catch (const std::exception& e) {
@@ -649,6 +652,8 @@ static GstClockTime gst_live_avatar_get_next_time(GstAggregator* agg) {
 
 static gboolean gst_live_avatar_sink_event(GstAggregator* agg, GstAggregatorPad* pad, GstEvent* event) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_FLUSH_START && self->priv->state.engine)
+    self->priv->state.engine->cancel();  // a block in progress stops at the next block boundary
   if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_FLUSH_STOP) self->priv->need_reset = true;
   if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_EOS && !self->priv->state.have_reference &&
       !gst_pad_is_linked(GST_PAD(self->image_pad))) {
@@ -708,6 +713,13 @@ static gboolean gst_live_avatar_sink_query(GstAggregator* agg, GstAggregatorPad*
     }
   }
   return ret;
+}
+
+// PAUSED->READY joins the streaming thread: make a long neural block give up first.
+static GstStateChangeReturn gst_live_avatar_change_state(GstElement* element, GstStateChange transition) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(element);
+  if (transition == GST_STATE_CHANGE_PAUSED_TO_READY && self->priv->state.engine) self->priv->state.engine->cancel();
+  return GST_ELEMENT_CLASS(gst_live_avatar_parent_class)->change_state(element, transition);
 }
 
 static GstFlowReturn gst_live_avatar_flush(GstAggregator* agg) {
@@ -900,6 +912,7 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   gobject_class->set_property = gst_live_avatar_set_property;
   gobject_class->get_property = gst_live_avatar_get_property;
   gobject_class->finalize = gst_live_avatar_finalize;
+  element_class->change_state = gst_live_avatar_change_state;
 
   const GParamFlags flags = static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS |
                                                      GST_PARAM_MUTABLE_READY);

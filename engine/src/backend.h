@@ -2,6 +2,7 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -33,6 +34,8 @@ class Backend {
   virtual void finish(int64_t total_frames) { (void)total_frames; }
   /// New stream, same reference.
   virtual void reset() = 0;
+  /// The engine's cancel flag: a backend whose work comes in long steps checks it between them and throws Cancelled.
+  virtual void set_cancel_flag(const std::atomic<bool>* flag) { (void)flag; }
 };
 
 std::unique_ptr<Backend> make_puppet_backend(const EngineConfig& config);

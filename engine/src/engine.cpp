@@ -3,6 +3,7 @@
 #include "liveavatar/engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <map>
 #include <mutex>
@@ -96,6 +97,7 @@ class EngineImpl final : public Engine {
       throw Error("unknown backend '" + config.backend + "': available backends are " + names);
     }
     backend_ = factory(config);
+    backend_->set_cancel_flag(&cancel_);
     pending_.reserve(spf_);
   }
 
@@ -182,7 +184,10 @@ class EngineImpl final : public Engine {
     if (has_reference_) backend_->finish(total_frames_);
   }
 
+  void cancel() override { cancel_ = true; }
+
   void reset() override {
+    cancel_ = false;
     pending_.clear();
     samples_ = 0;
     next_index_ = 0;
@@ -227,6 +232,7 @@ class EngineImpl final : public Engine {
   int64_t total_frames_ = 0;
   bool finished_ = false;
   std::vector<std::string> warnings_;
+  std::atomic<bool> cancel_{false};
 };
 
 }  // namespace

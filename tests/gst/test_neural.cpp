@@ -14,6 +14,7 @@
 
 #include "checkpoint_tool.h"
 #include "layout.h"
+#include "liveavatar/engine.h"
 #include "media_io.h"
 
 namespace {
@@ -149,6 +150,28 @@ TEST(ElementNeural, AudioShorterThanOneBlockKeepsItsLength) {
   ASSERT_EQ(f.pts.size(), 6u);
   for (size_t i = 0; i < f.pts.size(); ++i) EXPECT_EQ(f.pts[i], i * kFrame);
   gst_object_unref(pipe);
+}
+
+// cancel() (what the element calls on flush and PAUSED->READY) stops the work at a block boundary; reset() clears it.
+TEST(EngineNeural, CancelStopsAtABlockBoundaryAndResetClearsIt) {
+  ASSERT_TRUE(liveavatar::register_neural_backend());
+  liveavatar::EngineConfig c;
+  c.backend = "liveavatar";
+  c.model_dir = tiny().dir;
+  c.width = c.height = 64;
+  auto engine = liveavatar::Engine::create(c);
+  std::vector<uint8_t> grey(128 * 128 * 3, 120);
+  engine->set_reference({grey.data(), 128, 128, 128 * 3, liveavatar::PixelFormat::kRGB8});
+  std::vector<float> audio(16000, 0.1f);
+  engine->cancel();
+  EXPECT_THROW(engine->push_audio(audio.data(), audio.size()), liveavatar::Cancelled);
+  engine->reset();
+  engine->push_audio(audio.data(), audio.size());
+  engine->finish();
+  liveavatar::Frame f;
+  int n = 0;
+  while (engine->pop_frame(&f)) ++n;
+  EXPECT_EQ(n, 25);
 }
 
 TEST(ElementNeural, MissingModelFolderSaysWhichFile) {

@@ -33,6 +33,12 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// Thrown by push_audio() / push_silence() / finish() when cancel() stopped them between two blocks.
+class Cancelled : public Error {
+ public:
+  Cancelled() : Error("cancelled") {}
+};
+
 enum class PixelFormat { kRGB8, kRGBA8, kGray8 };
 
 /// A borrowed image; the engine copies what it needs before set_reference() returns.
@@ -127,6 +133,10 @@ class Engine {
   virtual int64_t samples_pushed() const = 0;
   /// Warnings since the last call (e.g. "no face found"), for the caller to show.
   virtual std::vector<std::string> take_warnings() = 0;
+
+  /// Asks a running push_audio() / push_silence() / finish() to stop at the next block boundary (it then throws
+  /// Cancelled). The only method that may be called from another thread. reset() clears the request.
+  virtual void cancel() = 0;
 };
 
 /// Names of the registered backends, for help texts.

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <deque>
 #include <map>
 #include <memory>
@@ -236,6 +237,8 @@ class LiveAvatarBackend final : public Backend {
     return true;
   }
 
+  void set_cancel_flag(const std::atomic<bool>* flag) override { cancel_ = flag; }
+
   void reset() override {
     session_.reset();
     decoder_.reset();
@@ -291,6 +294,8 @@ class LiveAvatarBackend final : public Backend {
   void run_blocks(bool at_end) {
     const int64_t n = block_frames();
     while (pending_frames() >= n || (at_end && pending_frames() > 0)) {
+      // A block takes long on real weights: a flush or a stop must not wait for the rest of the audio.
+      if (cancel_ && cancel_->load()) throw Cancelled();
       at::Tensor audio = features_.narrow(2, 0, std::min(n, pending_frames()));
       features_ = pending_frames() > n ? features_.narrow(2, n, pending_frames() - n).contiguous() : at::Tensor();
       if (audio.size(2) < n)
@@ -338,6 +343,7 @@ class LiveAvatarBackend final : public Backend {
   at::Tensor features_;  // [layers, dim, frames] not yet given to the DiT
   std::deque<Frame> ready_;
   int64_t frames_queued_ = 0;
+  const std::atomic<bool>* cancel_ = nullptr;
 };
 
 std::unique_ptr<Backend> make_liveavatar_backend(const EngineConfig& config) {
