@@ -181,7 +181,9 @@ TEST(Convert, FloatDtypes) {
   for (auto t : {at::kFloat, at::kHalf, at::kBFloat16}) {
     Checkpoint ck = matching_checkpoint();
     ck.tensors["ids"] = at::arange(3, at::kLong);
-    convert(ck, ConvertOptions{t});
+    ConvertOptions options;
+    options.float_dtype = t;
+    convert(ck, options);
     EXPECT_EQ(ck.tensors["head.head.weight"].scalar_type(), t);
     EXPECT_EQ(ck.tensors["ids"].scalar_type(), at::kLong);
   }
