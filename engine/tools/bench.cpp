@@ -13,6 +13,10 @@
 #include "liveavatar/engine.h"
 #include "media_io.h"
 
+#ifdef LIVEAVATAR_WITH_DIT
+int liveavatar_dit_bench_main(int argc, char** argv);
+#endif
+
 namespace {
 
 const char kUsage[] =
@@ -21,7 +25,9 @@ const char kUsage[] =
     "  --size WxH       output size (default 512x512)\n"
     "  --seconds S      audio seconds to render (default 30; the clip is looped or synthesised)\n"
     "  --threads N      OpenCV worker threads (default 1: one core)\n"
-    "  --repeat N       timed runs, the best and median are reported (default 3)\n";
+    "  --repeat N       timed runs, the best and median are reported (default 3)\n"
+    "liveavatar-bench --dit tiny|14b [...]: the streaming DiT instead (per-block latency, peak memory);\n"
+    "  the same options as liveavatar-dit-bench (--device, --dtype, --blocks, --latent, --checkpoint, ...).\n";
 
 // Without --audio: a voiced signal (150 Hz pulse train through two formants) gated 1.2 s on / 0.5 s off.
 std::vector<float> synthetic_speech(size_t n, int rate) {
@@ -40,6 +46,14 @@ std::vector<float> synthetic_speech(size_t n, int rate) {
 }
 
 int run(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--dit") {
+#ifdef LIVEAVATAR_WITH_DIT
+      return liveavatar_dit_bench_main(argc, argv);
+#else
+      throw liveavatar::Error("--dit needs the engine built with LibTorch: run scripts/setup.sh and rebuild");
+#endif
+    }
   std::string image_path, audio_path;
   liveavatar::EngineConfig config;
   config.width = config.height = 512;

@@ -82,7 +82,8 @@ void usage() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+// The bench's entry point, shared by liveavatar-dit-bench and `liveavatar-bench --dit`.
+int liveavatar_dit_bench_main(int argc, char** argv) {
   using namespace liveavatar;
   try {
     std::string which = "tiny", device_name = "cpu", dtype_name = "fp32", json_path, checkpoint_dir;
