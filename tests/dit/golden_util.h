@@ -11,6 +11,7 @@
 #include "liveavatar/dit.h"
 #include "liveavatar/weights.h"
 #include "model.h"
+#include "../golden.h"
 
 namespace liveavatar::dit::test {
 
@@ -21,22 +22,8 @@ inline bool have_fixture(const std::string& name) {
   return ::stat(fixture(name).c_str(), &st) == 0;
 }
 
-/// Tolerance of the golden tests: max |ours - ref| <= kRelTol * max |ref|.
-constexpr double kRelTol = 1e-4;
-
-/// Compares and prints "[golden] what: max abs err E, scale S, E/S".
-inline ::testing::AssertionResult close(const at::Tensor& ours, const at::Tensor& ref, const std::string& what,
-                                        double rel = kRelTol) {
-  if (ours.sizes() != ref.sizes())
-    return ::testing::AssertionFailure() << what << ": shape " << ours.sizes() << " vs reference " << ref.sizes();
-  const auto o = ours.to(at::kDouble), r = ref.to(at::kDouble);
-  const double err = (o - r).abs().max().item<double>();
-  const double scale = r.abs().max().item<double>();
-  std::printf("[golden] %-40s max abs err %.3e  scale %.3e  err/scale %.2e\n", what.c_str(), err, scale,
-              scale > 0 ? err / scale : err);
-  if (err <= rel * std::max(scale, 1e-12)) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << what << ": max abs err " << err << " > " << rel << " x scale " << scale;
-}
+using golden::close;
+using golden::kRelTol;
 
 /// The tiny model of the fixtures with the fixture weights.
 inline CausalWanModelS2V load_fixture_model() {

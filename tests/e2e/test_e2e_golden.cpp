@@ -23,6 +23,7 @@
 #include "liveavatar/text_encoder.h"
 #include "liveavatar/vae.h"
 #include "liveavatar/weights.h"
+#include "../golden.h"
 
 namespace liveavatar::e2e::test {
 namespace {
@@ -42,18 +43,7 @@ constexpr int64_t kDroppedFrames = 3;
 constexpr int64_t kPrimeLatents = 7;
 constexpr int64_t kTextLen = 16;
 
-/// max |ours - ref| <= rel * max |ref|; prints "[golden] what: max abs err E, scale S, E/S".
-::testing::AssertionResult close(const at::Tensor& ours, const at::Tensor& ref, const std::string& what, double rel) {
-  if (ours.sizes() != ref.sizes())
-    return ::testing::AssertionFailure() << what << ": shape " << ours.sizes() << " vs reference " << ref.sizes();
-  const auto o = ours.to(at::kDouble), r = ref.to(at::kDouble);
-  const double err = (o - r).abs().max().item<double>();
-  const double scale = r.abs().max().item<double>();
-  std::printf("[golden] %-28s max abs err %.3e  scale %.3e  err/scale %.2e%s\n", what.c_str(), err, scale,
-              scale > 0 ? err / scale : err, at::equal(ours, ref) ? "  (bit-exact)" : "");
-  if (err <= rel * std::max(scale, 1e-12)) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << what << ": max abs err " << err << " > " << rel << " x scale " << scale;
-}
+using liveavatar::golden::close;
 
 /// Everything the composed run produced, kept for the per-stage checks.
 struct Composed {
@@ -173,7 +163,7 @@ Composed* E2eGolden::run_ = nullptr;
 // Tolerance: max |ours - ref| <= 1e-4 x max |ref|, as the component golden tests, for every stage including the 32
 // chained DiT calls and the decoded frames (measured worst: 8.3e-6 on b1.final; FIXTURES.md allows 1e-3 for the
 // chain should a port's fp32 summation order differ).
-constexpr double kRelTol = 1e-4;
+using liveavatar::golden::kRelTol;
 
 TEST_F(E2eGolden, PortraitPixels) { EXPECT_TRUE(close(run_->ref_pixels, g("ref_pixels"), "ref_pixels", 0)); }
 

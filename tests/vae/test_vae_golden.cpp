@@ -12,6 +12,7 @@
 #include "liveavatar/weights.h"
 #include "modules.h"
 #include "run_module.h"
+#include "../golden.h"
 
 namespace liveavatar::vae::test {
 namespace {
@@ -22,19 +23,7 @@ bool have_fixture(const std::string& name) {
   return ::stat(fixture(name).c_str(), &st) == 0;
 }
 
-constexpr double kRelTol = 1e-4;
-
-::testing::AssertionResult close(const at::Tensor& ours, const at::Tensor& ref, const std::string& what) {
-  if (ours.sizes() != ref.sizes())
-    return ::testing::AssertionFailure() << what << ": shape " << ours.sizes() << " vs reference " << ref.sizes();
-  const auto o = ours.to(at::kDouble), r = ref.to(at::kDouble);
-  const double err = (o - r).abs().max().item<double>();
-  const double scale = r.abs().max().item<double>();
-  std::printf("[golden] %-34s max abs err %.3e  scale %.3e  err/scale %.2e\n", what.c_str(), err, scale,
-              scale > 0 ? err / scale : err);
-  if (err <= kRelTol * std::max(scale, 1e-12)) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << what << ": max abs err " << err << " > " << kRelTol << " x scale " << scale;
-}
+using liveavatar::golden::close;
 
 VaeConfig fixture_config() {
   auto c = VaeConfig::tiny();
