@@ -147,14 +147,19 @@ struct State {
   GstSegment audio_segment;  // the audio segment the timeline below belongs to
   bool have_segment = false;
   GstClockTime origin_rt = GST_CLOCK_TIME_NONE;  // running time of frame 0 / sample 0
+  GstClockTime picture_end_rt = GST_CLOCK_TIME_NONE;  // the last picture's end (pts + duration); NONE: until replaced
   gint64 frames_out = 0;
   bool warned_no_image = false;
-  bool finished = false;
+  std::string picture_warnings;  // what the current run of pictures was warned about (posted once, not per picture)
+  bool finished = false;      // audio EOS: all frames pushed
+  bool segment_done = false;  // SEGMENT_DONE: the tail is pushed; the next audio starts a new timeline
 
   void clear_stream() {
     origin_rt = GST_CLOCK_TIME_NONE;
+    picture_end_rt = GST_CLOCK_TIME_NONE;
     frames_out = 0;
     finished = false;
+    segment_done = false;
     if (engine) engine->reset();
   }
 };
@@ -168,6 +173,10 @@ struct _GstLiveAvatarPrivate {
   guint64 qos_late = 0;
   std::atomic<bool> need_reset{false};  // set by flushes, handled by the aggregate thread
   bool live = false;
+  // Seeks: the seqnum of the last one handled (a pipeline sends one per sink), and of the last FLUSH_STOP that
+  // reached the image pad (tells whether the image branch flushed for a seek).
+  std::atomic<guint32> last_seek_seqnum{GST_SEQNUM_INVALID};
+  std::atomic<guint32> image_flush_seqnum{GST_SEQNUM_INVALID};
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -184,6 +193,42 @@ static bool parse_mouth_box(const std::string& text, liveavatar::Rect* r) {
   if (v[0] < 0 || v[1] < 0 || v[2] <= 0 || v[3] <= 0) return false;
   *r = {v[0], v[1], v[2], v[3]};
   return true;
+}
+
+// LibTorch reports allocation failures as c10::Error ("DefaultCPUAllocator: not enough memory", "CUDA out of
+// memory"); the plugin does not include LibTorch, so they are recognised by their text.
+static bool is_out_of_memory(const char* what) {
+  return strstr(what, "out of memory") || strstr(what, "not enough memory") || strstr(what, "Insufficient memory");
+}
+
+// Posts the exception being handled (call from a catch block) as an element error. Exceptions never unwind into
+// GStreamer's C code, so every vfunc that reaches the engine ends in `catch (...) { post_current_exception(); }`.
+// Nothing here allocates through operator new: it also reports std::bad_alloc.
+static void post_current_exception(GstLiveAvatar* self, bool loading) {
+  try {
+    throw;
+  } catch (const liveavatar::Error& e) {
+    if (loading)
+      GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("%s", e.what()), (nullptr));
+    else
+      GST_ELEMENT_ERROR(self, STREAM, FAILED, ("%s", e.what()), (nullptr));
+  } catch (const std::bad_alloc& e) {
+    GST_ELEMENT_ERROR(self, RESOURCE, NO_SPACE_LEFT,
+                      ("Out of memory in the avatar engine: use a smaller width/height or portrait, or a machine with "
+                       "more memory."),
+                      ("%s", e.what()));
+  } catch (const std::exception& e) {
+    if (is_out_of_memory(e.what()))
+      GST_ELEMENT_ERROR(self, RESOURCE, NO_SPACE_LEFT,
+                        ("Out of memory in the avatar engine: use a smaller width/height, precision=bf16, or a device "
+                         "with more memory."),
+                        ("%s", e.what()));
+    else
+      GST_ELEMENT_ERROR(self, CORE, FAILED, ("Internal error in the avatar engine: %s", e.what()), (nullptr));
+  } catch (...) {
+    GST_ELEMENT_ERROR(self, CORE, FAILED, ("Internal error in the avatar engine (an unknown exception)."),
+                      (nullptr));
+  }
 }
 
 // Converts an image buffer with the pad's caps to packed RGB, scaling huge pictures down. Returns false (with an
@@ -337,42 +382,60 @@ static GstFlowReturn push_frame(GstLiveAvatar* self, const liveavatar::Frame& f)
   return gst_aggregator_finish_buffer(agg, buf);
 }
 
-static GstFlowReturn drain_frames(GstLiveAvatar* self) {
-  State& st = self->priv->state;
-  liveavatar::Frame f;
-  while (st.engine->pop_frame(&f)) {
-    GstFlowReturn ret = push_frame(self, f);
-    if (ret != GST_FLOW_OK) return ret;
-    if (self->priv->need_reset.load()) break;  // a flush arrived: stop pushing stale frames
-  }
-  return GST_FLOW_OK;
-}
-
 static void post_engine_warnings(GstLiveAvatar* self) {
   for (const auto& w : self->priv->state.engine->take_warnings())
     GST_ELEMENT_WARNING(self, STREAM, FAILED, ("%s", w.c_str()), (nullptr));
 }
 
-// Takes image buffers that are due (at or before the next frame) and makes the newest one the reference.
+// Warnings about a picture ("no face found") are posted once for a run of pictures that earn the same ones, not for
+// every picture of a moving image; a picture without warnings ends the run.
+static void post_picture_warnings(GstLiveAvatar* self) {
+  State& st = self->priv->state;
+  std::string all;
+  for (const auto& w : st.engine->take_warnings()) {
+    all += w + "\n";
+    if (st.picture_warnings.find(w + "\n") == std::string::npos)
+      GST_ELEMENT_WARNING(self, STREAM, FAILED, ("%s", w.c_str()), (nullptr));
+  }
+  st.picture_warnings = all;
+}
+
+// Running time at which frame `index` starts.
+static GstClockTime frame_start_rt(const State& st, gint64 index) {
+  return st.origin_rt + gst_util_uint64_scale(index, GST_SECOND * kFpsD, kFpsN);
+}
+
+// Running time of an image timestamp; NONE while the image pad has no time segment (e.g. it is being flushed by a
+// seek on another thread).
+static GstClockTime image_running_time(GstLiveAvatar* self, GstClockTime ts) {
+  GstSegment seg;
+  GST_OBJECT_LOCK(self->image_pad);
+  gst_segment_copy_into(&self->image_pad->segment, &seg);
+  GST_OBJECT_UNLOCK(self->image_pad);
+  return seg.format == GST_FORMAT_TIME ? gst_segment_to_running_time(&seg, GST_FORMAT_TIME, ts) : GST_CLOCK_TIME_NONE;
+}
+
+// Takes the image buffers that are due for the next frame (frames_out) and makes the newest one the reference. A
+// picture is due once the next frame starts at or after its running time, so pictures queued ahead of the audio take
+// effect at their own frame. Until the audio timeline is known only the first picture is taken. Returns false (with
+// an element error posted) when a picture is unusable.
 static bool consume_images(GstLiveAvatar* self) {
   State& st = self->priv->state;
   GstBuffer* buf;
   while ((buf = gst_aggregator_pad_peek_buffer(self->image_pad))) {
-    bool due = !st.have_reference || !GST_BUFFER_PTS_IS_VALID(buf) || !GST_CLOCK_TIME_IS_VALID(st.origin_rt);
-    if (!due) {
-      GstSegment seg;
-      GST_OBJECT_LOCK(self->image_pad);
-      gst_segment_copy_into(&self->image_pad->segment, &seg);
-      GST_OBJECT_UNLOCK(self->image_pad);
-      const GstClockTime rt = gst_segment_to_running_time(&seg, GST_FORMAT_TIME, GST_BUFFER_PTS(buf));
-      const GstClockTime next = st.origin_rt + gst_util_uint64_scale(st.frames_out, GST_SECOND * kFpsD, kFpsN);
-      due = !GST_CLOCK_TIME_IS_VALID(rt) || rt <= next;
+    bool due = !st.have_reference || !GST_BUFFER_PTS_IS_VALID(buf);
+    if (!due && GST_CLOCK_TIME_IS_VALID(st.origin_rt)) {
+      const GstClockTime rt = image_running_time(self, GST_BUFFER_PTS(buf));
+      due = !GST_CLOCK_TIME_IS_VALID(rt) || rt <= frame_start_rt(st, st.frames_out);
     }
     if (!due) {
       gst_buffer_unref(buf);
       break;
     }
     gst_aggregator_pad_drop_buffer(self->image_pad);
+    st.picture_end_rt = GST_CLOCK_TIME_NONE;
+    if (GST_BUFFER_PTS_IS_VALID(buf) && GST_BUFFER_DURATION_IS_VALID(buf))
+      st.picture_end_rt = image_running_time(self, GST_BUFFER_PTS(buf) + GST_BUFFER_DURATION(buf));
     if (same_image(st.last_image, buf)) {
       gst_buffer_unref(buf);
       continue;
@@ -392,15 +455,46 @@ static bool consume_images(GstLiveAvatar* self) {
     view.stride = w * 3;
     view.format = liveavatar::PixelFormat::kRGB8;
     st.engine->set_reference(view);  // throws liveavatar::Error for unusable pictures
-    post_engine_warnings(self);
-    GST_INFO_OBJECT(self, "reference %dx%d, output %dx%d", w, h, st.engine->output_size().width,
-                    st.engine->output_size().height);
+    post_picture_warnings(self);
+    GST_INFO_OBJECT(self, "reference %dx%d from frame %" G_GINT64_FORMAT ", output %dx%d", w, h, st.frames_out,
+                    st.engine->output_size().width, st.engine->output_size().height);
     if (!st.have_reference) {
       st.have_reference = true;
       if (!negotiate_output(self)) return false;
     }
   }
   return true;
+}
+
+// Pushes the frames the engine has ready. Pictures that fall due between two frames are taken in between, so each
+// frame is drawn with the picture of its own time even when one audio buffer completes many frames. Not live, when
+// the last picture has a duration that ends before the next frame (a moving picture) and the next picture is not
+// queued yet, it stops and sets *waiting: the frame is drawn once that picture arrives or the image pad ends. A
+// picture without a duration (a still) holds until replaced; live, the clock does not wait for pictures.
+static GstFlowReturn drain_frames(GstLiveAvatar* self, bool* waiting = nullptr) {
+  State& st = self->priv->state;
+  liveavatar::Frame f;
+  for (;;) {
+    if (!consume_images(self)) return GST_FLOW_ERROR;
+    if (waiting && !self->priv->live && GST_CLOCK_TIME_IS_VALID(st.picture_end_rt) &&
+        GST_CLOCK_TIME_IS_VALID(st.origin_rt) && frame_start_rt(st, st.frames_out) >= st.picture_end_rt &&
+        !gst_aggregator_pad_is_eos(self->image_pad) && !gst_aggregator_pad_has_buffer(self->image_pad)) {
+      *waiting = true;
+      break;
+    }
+    if (!st.engine->pop_frame(&f)) break;
+    GstFlowReturn ret = push_frame(self, f);
+    if (ret != GST_FLOW_OK) return ret;
+    if (self->priv->need_reset.load()) break;  // a flush arrived: stop pushing stale frames
+  }
+  return GST_FLOW_OK;
+}
+
+// End of the audio (EOS or the end of a segment seek): the partial last frame is drawn and the frames pushed.
+static GstFlowReturn finish_audio(GstLiveAvatar* self, bool* waiting = nullptr) {
+  State& st = self->priv->state;
+  st.engine->finish();  // a second call (after waiting for a picture) does nothing
+  return drain_frames(self, waiting);
 }
 
 // Keeps the output segment and the audio timeline in step with the audio pad's segment.
@@ -518,8 +612,15 @@ static GstFlowReturn gst_live_avatar_aggregate_impl(GstLiveAvatar* self, gboolea
   sync_segment(self);
   GstBuffer* buf = gst_aggregator_pad_pop_buffer(self->audio_pad);
   if (buf) {
+    if (st.segment_done) {
+      // Audio after a SEGMENT_DONE (a looping segment seek): a new timeline from the new segment's start.
+      GST_DEBUG_OBJECT(self, "new segment after segment-done");
+      st.clear_stream();
+    }
     feed_audio(self, buf);
     gst_buffer_unref(buf);
+  } else if (st.segment_done) {
+    // The segment's frames are all out; wait for the next segment.
   } else if (timeout && priv->live && GST_CLOCK_TIME_IS_VALID(st.origin_rt)) {
     // Live and the audio for the next frame is late: idle through that frame with silence.
     const gint64 want = gst_util_uint64_scale(st.frames_out + 1, static_cast<guint64>(kRate) * kFpsD, kFpsN);
@@ -546,13 +647,13 @@ static GstFlowReturn gst_live_avatar_aggregate_impl(GstLiveAvatar* self, gboolea
     }
   }
 
-  GstFlowReturn ret = drain_frames(self);
-  if (ret != GST_FLOW_OK) return ret;
+  bool waiting = false;
+  GstFlowReturn ret = drain_frames(self, &waiting);
+  if (ret != GST_FLOW_OK || waiting) return ret;
 
   if (gst_aggregator_pad_is_eos(self->audio_pad) && !gst_aggregator_pad_has_buffer(self->audio_pad)) {
-    st.engine->finish();
-    ret = drain_frames(self);
-    if (ret != GST_FLOW_OK) return ret;
+    ret = finish_audio(self, &waiting);
+    if (ret != GST_FLOW_OK || waiting) return ret;
     st.finished = true;
     GST_INFO_OBJECT(self, "audio ended: %" G_GINT64_FORMAT " frames", st.frames_out);
     return GST_FLOW_EOS;
@@ -565,12 +666,12 @@ static GstFlowReturn gst_live_avatar_aggregate(GstAggregator* agg, gboolean time
   try {
     return gst_live_avatar_aggregate_impl(self, timeout);
   } catch (const liveavatar::Cancelled&) {
+    // A flush or PAUSED->READY asked the engine to stop; what follows (flush: reset on FLUSH_STOP; stop) cleans up.
+    // Returning FLUSHING here would make GstAggregator flush every sink pad when only the audio pad flushes.
     GST_DEBUG_OBJECT(self, "engine work cancelled (flush or stop)");
-    return GST_FLOW_FLUSHING;
-  } catch (const liveavatar::Error& e) {
-    GST_ELEMENT_ERROR(self, STREAM, FAILED, ("%s", e.what()), (nullptr));
-  } catch (const std::exception& e) {
-    GST_ELEMENT_ERROR(self, CORE, FAILED, ("Internal error in the avatar engine."), ("%s", e.what()));
+    return GST_FLOW_OK;
+  } catch (...) {
+    post_current_exception(self, /*loading=*/false);
   }
   return GST_FLOW_ERROR;
 }
@@ -626,6 +727,9 @@ static gboolean gst_live_avatar_negotiated_src_caps(GstAggregator* agg, GstCaps*
   } catch (const liveavatar::Error& e) {
     GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("%s", e.what()), ("caps %" GST_PTR_FORMAT, caps));
     return FALSE;
+  } catch (...) {
+    post_current_exception(self, /*loading=*/false);
+    return FALSE;
   }
   st.out_info = info;
   st.out_negotiated = true;
@@ -650,11 +754,37 @@ static GstClockTime gst_live_avatar_get_next_time(GstAggregator* agg) {
   return st.origin_rt + gst_util_uint64_scale(st.frames_out, GST_SECOND * kFpsD, kFpsN);
 }
 
+// Serialized events arrive here on the aggregate thread, in order with the buffers; FLUSH_* on the upstream thread.
 static gboolean gst_live_avatar_sink_event(GstAggregator* agg, GstAggregatorPad* pad, GstEvent* event) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
   if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_FLUSH_START && self->priv->state.engine)
     self->priv->state.engine->cancel();  // a block in progress stops at the next block boundary
   if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_FLUSH_STOP) self->priv->need_reset = true;
+  if (pad == self->image_pad && GST_EVENT_TYPE(event) == GST_EVENT_FLUSH_STOP)
+    self->priv->image_flush_seqnum = gst_event_get_seqnum(event);
+  if (pad == self->image_pad && GST_EVENT_TYPE(event) == GST_EVENT_SEGMENT_DONE) {
+    // imagefreeze ends a segment seek too; the audio's SEGMENT_DONE, after the last frame, is the one that goes on.
+    gst_event_unref(event);
+    return TRUE;
+  }
+  if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_SEGMENT_DONE) {
+    // End of a segment seek: the audio up to the segment's stop is all here. Push the partial last frame before the
+    // event goes downstream, so the segment's video is exactly as long as its audio.
+    State& st = self->priv->state;
+    if (st.engine && st.have_reference && GST_CLOCK_TIME_IS_VALID(st.origin_rt) && !st.segment_done) {
+      GstFlowReturn ret = GST_FLOW_ERROR;
+      try {
+        ret = finish_audio(self);
+      } catch (const liveavatar::Cancelled&) {
+        ret = GST_FLOW_FLUSHING;
+      } catch (...) {
+        post_current_exception(self, /*loading=*/false);
+      }
+      st.segment_done = true;
+      GST_INFO_OBJECT(self, "segment done after %" G_GINT64_FORMAT " frames (%s)", st.frames_out,
+                      gst_flow_get_name(ret));
+    }
+  }
   if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_EOS && !self->priv->state.have_reference &&
       !gst_pad_is_linked(GST_PAD(self->image_pad))) {
     GST_ELEMENT_ERROR(self, CORE, PAD, ("The image pad is not linked: the avatar needs a portrait."),
@@ -663,8 +793,78 @@ static gboolean gst_live_avatar_sink_event(GstAggregator* agg, GstAggregatorPad*
   return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->sink_event(agg, pad, event);
 }
 
+// The image branch did not flush for a flushing seek (a still-picture decoder refuses seeks). GstAggregator restarts
+// its output only once every sink pad has flushed with the seek's seqnum, so the image pad is flushed here, and what
+// it held is put back: its segment, a picture not taken yet, and EOS. The picture shown so far stays the reference;
+// an image stream that cannot seek ends at its current picture, since its source may have stopped on the flush.
+static void flush_image_pad_for_seek(GstLiveAvatar* self, guint32 seqnum) {
+  GstPad* pad = GST_PAD(self->image_pad);
+  const bool eos = GST_PAD_IS_EOS(pad) || !gst_pad_is_linked(pad);
+  GstEvent* segment = gst_pad_get_sticky_event(pad, GST_EVENT_SEGMENT, 0);
+  GstBuffer* pending = gst_aggregator_pad_peek_buffer(self->image_pad);
+  GST_DEBUG_OBJECT(self, "image branch did not flush for seek %u: flushing the image pad (eos %d, picture %p)", seqnum,
+                   eos, pending);
+  GstEvent* e = gst_event_new_flush_start();
+  gst_event_set_seqnum(e, seqnum);
+  gst_pad_send_event(pad, e);
+  e = gst_event_new_flush_stop(TRUE);
+  gst_event_set_seqnum(e, seqnum);
+  gst_pad_send_event(pad, e);
+  if (segment) gst_pad_send_event(pad, segment);
+  if (pending) gst_pad_chain(pad, pending);
+  if (!eos)
+    GST_ELEMENT_WARNING(self, STREAM, FAILED,
+                        ("The image branch cannot seek: the current picture is kept for the rest of the stream."),
+                        ("put imagefreeze in the image branch to keep a seekable still picture"));
+  gst_pad_send_event(pad, gst_event_new_eos());
+}
+
+// Seeks go to the audio branch, which defines the timeline. A flushing seek first reaches the image branch, which
+// either flushes itself (imagefreeze: the picture restarts at the new position) or is flushed here (a still-picture
+// decoder), so that GstAggregator sees both pads flush and restarts the output. A seek the audio cannot do fails
+// without flushing anything, and playback goes on.
+static gboolean handle_seek(GstLiveAvatar* self, GstEvent* event) {
+  GstLiveAvatarPrivate* priv = self->priv;
+  gdouble rate;
+  GstFormat format;
+  GstSeekFlags flags;
+  GstSeekType start_type, stop_type;
+  gint64 start, stop;
+  gst_event_parse_seek(event, &rate, &format, &flags, &start_type, &start, &stop_type, &stop);
+  const guint32 seqnum = gst_event_get_seqnum(event);
+  if (priv->last_seek_seqnum.exchange(seqnum) == seqnum) {
+    GST_DEBUG_OBJECT(self, "seek %u already handled (sent by another sink)", seqnum);
+    gst_event_unref(event);
+    return TRUE;
+  }
+  if (format != GST_FORMAT_TIME || rate <= 0) {
+    GST_INFO_OBJECT(self, "refusing a seek in %s at rate %g: only forward seeks in time are possible",
+                    gst_format_get_name(format), rate);
+    gst_event_unref(event);
+    return FALSE;
+  }
+  GstQuery* query = gst_query_new_seeking(GST_FORMAT_TIME);
+  gboolean seekable = TRUE;  // unknown: try
+  if (gst_pad_peer_query(GST_PAD(self->audio_pad), query))
+    gst_query_parse_seeking(query, nullptr, &seekable, nullptr, nullptr);
+  gst_query_unref(query);
+  if (!seekable) {
+    GST_INFO_OBJECT(self, "the audio branch cannot seek: seek refused");
+    gst_event_unref(event);
+    return FALSE;
+  }
+  if (flags & GST_SEEK_FLAG_FLUSH) {
+    gst_pad_push_event(GST_PAD(self->image_pad), gst_event_ref(event));
+    if (priv->image_flush_seqnum.load() != seqnum) flush_image_pad_for_seek(self, seqnum);
+  }
+  const gboolean ok = gst_pad_push_event(GST_PAD(self->audio_pad), event);
+  GST_INFO_OBJECT(self, "seek %u %s", seqnum, ok ? "done" : "refused by the audio branch");
+  return ok;
+}
+
 static gboolean gst_live_avatar_src_event(GstAggregator* agg, GstEvent* event) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  if (GST_EVENT_TYPE(event) == GST_EVENT_SEEK) return handle_seek(self, event);
   if (GST_EVENT_TYPE(event) == GST_EVENT_QOS) {
     GstQOSType type;
     gdouble proportion;
@@ -687,6 +887,18 @@ static void reset_qos(GstLiveAvatar* self) {
   self->priv->qos_earliest = GST_CLOCK_TIME_NONE;
   self->priv->qos_processed = self->priv->qos_late = 0;
   GST_OBJECT_UNLOCK(self);
+}
+
+// The video lasts as long as the audio: the duration comes from the audio branch (the image branch, a still picture or
+// imagefreeze, has none or an endless one).
+static gboolean gst_live_avatar_src_query(GstAggregator* agg, GstQuery* query) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  if (GST_QUERY_TYPE(query) == GST_QUERY_DURATION) {
+    GstFormat format;
+    gst_query_parse_duration(query, &format, nullptr);
+    if (format == GST_FORMAT_TIME) return gst_pad_peer_query(GST_PAD(self->audio_pad), query);
+  }
+  return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->src_query(agg, query);
 }
 
 // Caps a sink pad refuses fail upstream as a bare "not-negotiated"; say here what to put in front instead.
@@ -722,18 +934,29 @@ static GstStateChangeReturn gst_live_avatar_change_state(GstElement* element, Gs
   return GST_ELEMENT_CLASS(gst_live_avatar_parent_class)->change_state(element, transition);
 }
 
+// Called once every sink pad has flushed (a flushing seek). GstAggregator has no flush of its own to chain up to.
 static GstFlowReturn gst_live_avatar_flush(GstAggregator* agg) {
   GST_LIVE_AVATAR(agg)->priv->need_reset = true;
   reset_qos(GST_LIVE_AVATAR(agg));
-  return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->flush(agg);
+  return GST_FLOW_OK;
 }
 
-static gboolean gst_live_avatar_start(GstAggregator* agg) {
-  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
-  GstLiveAvatarPrivate* priv = self->priv;
+static Settings snapshot_settings(GstLiveAvatar* self) {
   GST_OBJECT_LOCK(self);
-  const Settings settings = priv->settings;
-  GST_OBJECT_UNLOCK(self);
+  try {
+    Settings s = self->priv->settings;
+    GST_OBJECT_UNLOCK(self);
+    return s;
+  } catch (...) {
+    GST_OBJECT_UNLOCK(self);
+    throw;
+  }
+}
+
+static gboolean start_impl(GstLiveAvatar* self) {
+  GstAggregator* agg = GST_AGGREGATOR(self);
+  GstLiveAvatarPrivate* priv = self->priv;
+  const Settings settings = snapshot_settings(self);
 
   liveavatar::EngineConfig config;
   config.backend = settings.backend == GST_LIVE_AVATAR_BACKEND_LIVEAVATAR ? "liveavatar" : "puppet";
@@ -773,12 +996,12 @@ static gboolean gst_live_avatar_start(GstAggregator* agg) {
       priv->state.engine = liveavatar::Engine::create(config);
       priv->state.engine_key = key;
     }
-  } catch (const liveavatar::Error& e) {
+  } catch (...) {
     gst_element_post_message(GST_ELEMENT(self), gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_ERROR,
                                                                          "load", "Loading failed"));
-    GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("%s", e.what()), (nullptr));
-    return FALSE;
+    throw;
   }
+  post_engine_warnings(self);  // e.g. a model folder without the LiveAvatar LoRA
   gst_element_post_message(GST_ELEMENT(self), gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_COMPLETE,
                                                                        "load", "Avatar backend ready"));
   priv->state.have_reference = false;
@@ -794,10 +1017,26 @@ static gboolean gst_live_avatar_start(GstAggregator* agg) {
   return TRUE;
 }
 
+static gboolean gst_live_avatar_start(GstAggregator* agg) {
+  GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  try {
+    return start_impl(self);
+  } catch (...) {
+    post_current_exception(self, /*loading=*/true);
+    return FALSE;
+  }
+}
+
 static gboolean gst_live_avatar_stop(GstAggregator* agg) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
   State& st = self->priv->state;
-  if (st.engine) st.engine->reset();  // kept for the next start with the same settings
+  try {
+    if (st.engine) st.engine->reset();  // kept for the next start with the same settings
+  } catch (...) {
+    post_current_exception(self, /*loading=*/false);
+    st.engine.reset();  // in an unknown state: load afresh next time
+  }
+  st.picture_warnings.clear();
   gst_buffer_replace(&st.last_image, nullptr);
   if (st.to_i420) {
     gst_video_converter_free(st.to_i420);
@@ -923,13 +1162,17 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   g_object_class_install_property(
       gobject_class, PROP_WIDTH,
       g_param_spec_int("width", "Width",
-                       "Output width; 0 = from the portrait, a multiple of 16 (changeable in NULL/READY only)", 0,
-                       8192, DEFAULT_WIDTH, flags));
+                       "Output width in pixels: an even number from 64 to 8192 (backend=liveavatar: a multiple of "
+                       "64), set together with height; 0 = follow the portrait or downstream (changeable in "
+                       "NULL/READY only)",
+                       0, 8192, DEFAULT_WIDTH, flags));
   g_object_class_install_property(
       gobject_class, PROP_HEIGHT,
       g_param_spec_int("height", "Height",
-                       "Output height; 0 = from the portrait, a multiple of 16 (changeable in NULL/READY only)", 0,
-                       8192, DEFAULT_HEIGHT, flags));
+                       "Output height in pixels: an even number from 64 to 8192 (backend=liveavatar: a multiple of "
+                       "64), set together with width; 0 = follow the portrait or downstream (changeable in "
+                       "NULL/READY only)",
+                       0, 8192, DEFAULT_HEIGHT, flags));
   g_object_class_install_property(
       gobject_class, PROP_SEED,
       g_param_spec_uint64("seed", "Seed",
@@ -980,6 +1223,7 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   agg_class->sink_event = gst_live_avatar_sink_event;
   agg_class->flush = gst_live_avatar_flush;
   agg_class->src_event = gst_live_avatar_src_event;
+  agg_class->src_query = gst_live_avatar_src_query;
   agg_class->sink_query = gst_live_avatar_sink_query;
   agg_class->start = gst_live_avatar_start;
   agg_class->stop = gst_live_avatar_stop;

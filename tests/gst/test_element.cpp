@@ -9,6 +9,7 @@
 #include <cmath>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "media_io.h"
@@ -451,6 +452,116 @@ TEST(Element, NewImageReplacesTheReference) {
   gst_buffer_unmap(rest[0], &m2);
   gst_buffer_unref(first);
   free_all(rest);
+}
+
+// Share of the pixels of an RGB frame that are exactly (v, v, v).
+double flat_share(GstBuffer* frame, guint8 v) {
+  GstMapInfo m;
+  gst_buffer_map(frame, &m, GST_MAP_READ);
+  size_t n = 0;
+  for (gsize i = 0; i + 2 < m.size; i += 3) n += m.data[i] == v && m.data[i + 1] == v && m.data[i + 2] == v;
+  const double share = static_cast<double>(n) / static_cast<double>(m.size / 3);
+  gst_buffer_unmap(frame, &m);
+  return share;
+}
+
+// Pictures queued ahead of the audio take effect at their own timestamps: the portrait for 0-4 s, flat grey 90 for
+// 4-8 s, flat grey 200 from 8 s, although the audio comes in 3 s buffers that each complete 75 frames.
+TEST(Element, TimedPicturesTakeEffectAtTheirOwnFrame) {
+  Avatar a("width=128 height=128");
+  gst_harness_set_src_caps_str(a.image, "video/x-raw,format=RGB,width=512,height=512,framerate=0/1");
+  std::thread pictures([&] {
+    const guint8 fills[] = {0, 90, 200};
+    for (int i = 0; i < 3; ++i) {
+      GstBuffer* b = image_buffer(512, 512, GST_VIDEO_FORMAT_RGB, fills[i], i == 0 ? &portrait() : nullptr);
+      GST_BUFFER_PTS(b) = i * 4 * GST_SECOND;
+      GST_BUFFER_DURATION(b) = 4 * GST_SECOND;
+      gst_harness_push(a.image, b);  // blocks until the element takes the previous picture
+    }
+    gst_harness_push_event(a.image, gst_event_new_eos());
+  });
+  a.start_audio();
+  for (int s = 0; s < 10; s += 3) {
+    const size_t n = std::min(3, 10 - s) * 16000;
+    ASSERT_EQ(gst_harness_push(a.audio, audio_buffer(s * GST_SECOND, n)), GST_FLOW_OK);
+  }
+  gst_harness_push_event(a.audio, gst_event_new_eos());
+  auto frames = a.pull_all();
+  pictures.join();
+  ASSERT_EQ(frames.size(), 250u);
+  for (size_t i : {0, 50, 99}) {
+    EXPECT_LT(flat_share(frames[i], 90), 0.5) << "frame " << i << " shows the portrait";
+    EXPECT_LT(flat_share(frames[i], 200), 0.5) << "frame " << i << " shows the portrait";
+  }
+  for (size_t i : {100, 150, 199}) EXPECT_GT(flat_share(frames[i], 90), 0.9) << "frame " << i << " shows grey 90";
+  for (size_t i : {200, 249}) EXPECT_GT(flat_share(frames[i], 200), 0.9) << "frame " << i << " shows grey 200";
+  free_all(frames);
+}
+
+// A moving picture without a face (each frame a different flat grey) earns one "no face" warning, not one a frame.
+TEST(Element, NoFaceWarningOnceForAMovingPicture) {
+  Avatar a("width=128 height=128");
+  gst_harness_set_src_caps_str(a.image, "video/x-raw,format=RGB,width=256,height=256,framerate=25/1");
+  std::thread pictures([&] {
+    for (int i = 0; i < 10; ++i) {
+      GstBuffer* b = image_buffer(256, 256, GST_VIDEO_FORMAT_RGB, static_cast<guint8>(60 + 10 * i));
+      GST_BUFFER_PTS(b) = i * kFrame;
+      GST_BUFFER_DURATION(b) = kFrame;
+      gst_harness_push(a.image, b);
+    }
+    gst_harness_push_event(a.image, gst_event_new_eos());
+  });
+  a.start_audio();
+  ASSERT_EQ(gst_harness_push(a.audio, audio_buffer(0, 6400)), GST_FLOW_OK);
+  gst_harness_push_event(a.audio, gst_event_new_eos());
+  auto frames = a.pull_all();
+  pictures.join();
+  ASSERT_EQ(frames.size(), 10u);
+  EXPECT_GT(flat_share(frames[9], 150), 0.9) << "the last frame shows the last picture";
+  int no_face = 0;
+  for (GstMessage* m : a.take(GST_MESSAGE_WARNING)) {
+    GError* err = nullptr;
+    gst_message_parse_warning(m, &err, nullptr);
+    no_face += std::string(err->message).find("no face found") != std::string::npos;
+    g_error_free(err);
+    gst_message_unref(m);
+  }
+  EXPECT_EQ(no_face, 1);
+  free_all(frames);
+}
+
+// Both sink pads flush with one seqnum, as for a seek that the image branch carries out too (imagefreeze): the
+// element restarts the stream at the new segment with the same portrait.
+TEST(Element, FlushOnBothPadsRestartsTheStream) {
+  Avatar a;
+  a.set_image(portrait().width, portrait().height);
+  a.start_audio();
+  gst_harness_push(a.audio, audio_buffer(0, 6400));
+  for (int i = 0; i < 10; ++i) gst_buffer_unref(gst_harness_pull(a.audio));
+  const guint32 seqnum = gst_util_seqnum_next();
+  for (GstHarness* h : {a.image, a.audio}) {
+    GstEvent* e = gst_event_new_flush_start();
+    gst_event_set_seqnum(e, seqnum);
+    gst_harness_push_event(h, e);
+  }
+  for (GstHarness* h : {a.image, a.audio}) {
+    GstEvent* e = gst_event_new_flush_stop(TRUE);
+    gst_event_set_seqnum(e, seqnum);
+    gst_harness_push_event(h, e);
+  }
+  GstSegment seg;
+  gst_segment_init(&seg, GST_FORMAT_TIME);
+  seg.start = seg.time = 5 * GST_SECOND;
+  gst_harness_push_event(a.image, gst_event_new_segment(&seg));
+  gst_harness_push_event(a.image, gst_event_new_eos());  // the still picture is not sent again
+  gst_harness_push_event(a.audio, gst_event_new_segment(&seg));
+  gst_harness_push(a.audio, audio_buffer(5 * GST_SECOND, 1920));
+  gst_harness_push_event(a.audio, gst_event_new_eos());
+  auto frames = a.pull_all();
+  EXPECT_EQ(a.wait_error(0.1), "");
+  ASSERT_EQ(frames.size(), 3u);
+  for (size_t i = 0; i < frames.size(); ++i) EXPECT_EQ(GST_BUFFER_PTS(frames[i]), 5 * GST_SECOND + i * kFrame);
+  free_all(frames);
 }
 
 // Live: frames follow the clock, latency is reported, and when the audio stops (without EOS) the avatar keeps
