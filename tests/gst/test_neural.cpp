@@ -174,24 +174,62 @@ TEST(EngineNeural, CancelStopsAtABlockBoundaryAndResetClearsIt) {
   EXPECT_EQ(n, 25);
 }
 
-TEST(ElementNeural, MissingModelFolderSaysWhichFile) {
+// The error message of READY->PAUSED with `property` set to `value` on the element ("" if the start succeeds).
+std::string start_error(const char* property, const char* value, const char* prompt = nullptr) {
   GstElement* pipe = make_pipeline();
-  ASSERT_NE(pipe, nullptr);
+  EXPECT_NE(pipe, nullptr);
+  if (!pipe) return "no pipeline";
   GstElement* la = gst_bin_get_by_name(GST_BIN(pipe), "la");
-  g_object_set(la, "model-dir", "/nonexistent-liveavatar-models", nullptr);
+  g_object_set(la, property, value, nullptr);
+  if (prompt) g_object_set(la, "prompt", prompt, nullptr);
   gst_object_unref(la);
-  EXPECT_EQ(gst_element_set_state(pipe, GST_STATE_PAUSED), GST_STATE_CHANGE_FAILURE);
+  const bool failed = gst_element_set_state(pipe, GST_STATE_PAUSED) == GST_STATE_CHANGE_FAILURE;
   GstBus* bus = gst_element_get_bus(pipe);
   GstMessage* m = gst_bus_pop_filtered(bus, GST_MESSAGE_ERROR);
-  ASSERT_NE(m, nullptr);
-  GError* err = nullptr;
-  gst_message_parse_error(m, &err, nullptr);
-  EXPECT_NE(std::string(err->message).find("config.json"), std::string::npos) << err->message;
-  g_error_free(err);
-  gst_message_unref(m);
+  std::string text = failed ? "(failed without an error message)" : "";
+  if (m) {
+    GError* err = nullptr;
+    gst_message_parse_error(m, &err, nullptr);
+    text = err->message;
+    g_error_free(err);
+    gst_message_unref(m);
+  }
   gst_object_unref(bus);
   gst_element_set_state(pipe, GST_STATE_NULL);
   gst_object_unref(pipe);
+  return text;
+}
+
+TEST(ElementNeural, MissingModelFolderSaysItDoesNotExist) {
+  const std::string err = start_error("model-dir", "/nonexistent-liveavatar-models");
+  EXPECT_NE(err.find("/nonexistent-liveavatar-models does not exist"), std::string::npos) << err;
+}
+
+TEST(ElementNeural, ModelFolderWithoutTheFilesSaysWhichFile) {
+  char tmpl[] = "/tmp/liveavatar-empty-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  const std::string err = start_error("model-dir", dir.c_str());
+  rmdir(dir.c_str());
+  EXPECT_NE(err.find("config.json"), std::string::npos) << err;
+}
+
+TEST(ElementNeural, MissingLoraFileSaysSo) {
+  const std::string err = start_error("lora", "/nonexistent-lora.safetensors");
+  EXPECT_NE(err.find("lora file /nonexistent-lora.safetensors does not exist"), std::string::npos) << err;
+  EXPECT_EQ(err.find("model-dir is missing"), std::string::npos) << err;
+}
+
+// A prompt cache that cannot be written names the setting that moves it.
+TEST(ElementNeural, UnwritablePromptCacheNamesXdgCacheHome) {
+  const std::string not_a_folder = tiny().dir + "/cache-is-a-file";
+  FILE* f = fopen(not_a_folder.c_str(), "w");
+  ASSERT_NE(f, nullptr);
+  fclose(f);
+  const std::string saved = getenv("XDG_CACHE_HOME") ? getenv("XDG_CACHE_HOME") : "";
+  setenv("XDG_CACHE_HOME", not_a_folder.c_str(), 1);
+  const std::string err = start_error("seed", "5", "a prompt that is not cached yet");
+  setenv("XDG_CACHE_HOME", saved.c_str(), 1);
+  EXPECT_NE(err.find("XDG_CACHE_HOME"), std::string::npos) << err;
 }
 
 int main(int argc, char** argv) {

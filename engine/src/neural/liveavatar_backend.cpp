@@ -43,6 +43,11 @@ struct ModelFiles {
     if (c.model_dir.empty())
       throw Error("backend=liveavatar needs model-dir: the folder holding Wan2.2-S2V-14B/ and LiveAvatar/ "
                   "(see the README for the files; `liveavatar-checkpoint make-tiny DIR` writes a tiny test set)");
+    struct stat dir_stat {};
+    if (::stat(c.model_dir.c_str(), &dir_stat) != 0 || !S_ISDIR(dir_stat.st_mode))
+      throw Error("model-dir " + c.model_dir + " does not exist or is not a folder: give the folder holding "
+                  "Wan2.2-S2V-14B/ and LiveAvatar/ (see the README; `liveavatar-checkpoint make-tiny DIR` writes a "
+                  "tiny test set)");
     ModelFiles f;
     f.base = exists(c.model_dir + "/Wan2.2-S2V-14B") ? c.model_dir + "/Wan2.2-S2V-14B" : c.model_dir;
     f.dit_config = f.base + "/config.json";
@@ -63,7 +68,9 @@ struct ModelFiles {
     need(f.tokenizer, "the umT5 tokenizer folder with spiece.model");
     need(f.wav2vec2, "the wav2vec2 audio encoder folder");
     if (!c.lora.empty()) {
-      need(c.lora, "the LoRA given by the lora setting");
+      if (!exists(c.lora))
+        throw Error("lora file " + c.lora + " does not exist: give the LiveAvatar LoRA (liveavatar.safetensors), or "
+                    "leave lora empty to use model-dir/LiveAvatar/liveavatar.safetensors");
       f.lora = c.lora;
     } else if (exists(c.model_dir + "/LiveAvatar/liveavatar.safetensors")) {
       f.lora = c.model_dir + "/LiveAvatar/liveavatar.safetensors";

@@ -34,8 +34,9 @@ void make_dirs(const std::string& dir) {
   for (size_t i = 0; i <= dir.size(); ++i) {
     if (i == dir.size() || dir[i] == '/') {
       if (!partial.empty() && !is_dir(partial) && ::mkdir(partial.c_str(), 0755) != 0 && !is_dir(partial))
-        throw TextError(partial + ": cannot create the embedding cache directory (set CacheOptions::cache_dir to a "
-                        "writable place)");
+        throw TextError(partial + ": cannot create the prompt embedding cache folder " + dir + ": set "
+                        "XDG_CACHE_HOME to a writable folder (the cache is $XDG_CACHE_HOME/liveavatar/text, else "
+                        "$HOME/.cache/liveavatar/text)");
     }
     if (i < dir.size()) partial.push_back(dir[i]);
   }
@@ -116,10 +117,17 @@ at::Tensor EmbeddingCache::get_or_compute(const std::string& prompt) {
   make_dirs(dir_);
   const auto path = path_for(prompt);
   const auto tmp = path + ".tmp." + std::to_string(static_cast<long long>(::getpid()));
-  weights::save_safetensors(tmp, {{"context", context}}, {{"prompt", prompt}, {"model", model_identity_}});
+  try {
+    weights::save_safetensors(tmp, {{"context", context}}, {{"prompt", prompt}, {"model", model_identity_}});
+  } catch (const weights::WeightsError& e) {
+    throw TextError(std::string(e.what()) + ": cannot write the prompt embedding cache: make " + dir_ +
+                    " writable or set XDG_CACHE_HOME to a writable folder (the cache is "
+                    "$XDG_CACHE_HOME/liveavatar/text)");
+  }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     std::remove(tmp.c_str());
-    throw TextError(path + ": cannot write the cached embedding (is " + dir_ + " writable?)");
+    throw TextError(path + ": cannot write the prompt embedding cache: make " + dir_ + " writable or set "
+                    "XDG_CACHE_HOME to a writable folder (the cache is $XDG_CACHE_HOME/liveavatar/text)");
   }
   return context;
 }
