@@ -203,8 +203,11 @@ TEST(PlannerLayout, AuxAndTextEncoderPlacement) {
   auto r = upstream_request(Precision::kBf16, Precision::kBf16, "5x80GB");
   auto step = evaluate(r, Parallel::kStep, 4);
   EXPECT_EQ(step.devices[4].role, "aux");  // the fifth card decodes, as upstream's TPP
-  EXPECT_GT(step.devices[4].vae, 0u);
-  EXPECT_GT(step.devices[4].audio_encoder, 0u);
+  // bf16: weights, the stream cache (9,458 B per pixel in fp32) and the decode peak (3,341 values per pixel).
+  const uint64_t px = 704 * 384;
+  EXPECT_EQ(step.devices[4].vae, kVaeParameters * 2 + 9458 * px / 2 + 3341 * px * 2);
+  EXPECT_EQ(step.devices[4].audio_encoder, kWav2Vec2Parameters * 2 + 106644736 / 2);
+  EXPECT_EQ(step.devices[4].aux_resident, (kVaeParameters + kWav2Vec2Parameters) * 2);
   r.aux.device = 2;
   step = evaluate(r, Parallel::kStep, 4);
   EXPECT_EQ(step.devices[2].role, "step 2 + aux");

@@ -27,16 +27,16 @@ u64 bytes_of(Precision p) {
   return 4;
 }
 
-// Companion-model transients and caches. The VAE stream cache is docs/vae.md's measurement (38,739,968 B fp32 at
-// 64 x 64 px, proportional to the area); the peaks are estimates that a GPU run must confirm (docs/planner.md).
+// Companion-model caches and transients (docs/planner.md), measured on the CPU with a counting allocator
+// (liveavatar-plan-bench --component vae / wav2vec2, fp32, random weights):
+// - the VAE stream cache: 9,458 B per output pixel in fp32 (exactly proportional to the area, as docs/vae.md);
+// - decode_block's transient peak: 3,341 fp32 values per output pixel at 128 x 128 px (3,313 between 64 x 64 and
+//   128 x 128; a GPU's convolution workspaces come on top and must be measured there);
+// - wav2vec2 on one 4.5 s window (2 s context + one block + margin): 106,644,736 B in fp32.
 constexpr u64 kVaeCacheBytesPerPixelFp32 = 9458;
-// decode_block: the last decoder stage at full resolution holds the causal conv's input with its 2 history frames
-// (192 channels x 6 frames), its output and one more such tensor (3 x 192 x 6 = 3,456 values per output pixel).
-constexpr u64 kVaeDecodeValuesPerPixel = 3456;
-// wav2vec2 on one 4.5 s window: the feature extractor's first conv (512 channels at 3.2 kHz) three times over, and
-// the 25 hidden states of 225 frames x 1024 (values).
-constexpr u64 kWav2Vec2WindowValues = 3ull * 512 * 14400 + 25ull * 225 * 1024 * 2;
-// umT5 on 512 tokens: [64, 512, 512] attention logits, the FFN hidden [512, 10240] three times, hidden states.
+constexpr u64 kVaeDecodeValuesPerPixel = 3341;
+constexpr u64 kWav2Vec2WindowBytesFp32 = 106644736;
+// umT5 on 512 tokens (an estimate, not measured): [64, 512, 512] attention logits, the FFN hidden [512, 10240] three times, hidden states.
 constexpr u64 kUmt5PassValues = 64ull * 512 * 512 + 3ull * 512 * 10240 + 8ull * 512 * 4096;
 
 }  // namespace
@@ -374,7 +374,7 @@ Aux aux_bytes(const PlanRequest& r) {
   Aux x;
   const u64 vae_w = kVaeParameters * b, audio_w = kWav2Vec2Parameters * b;
   x.vae = vae_w + kVaeCacheBytesPerPixelFp32 * px * b / 4 + kVaeDecodeValuesPerPixel * px * b;
-  x.audio = audio_w + kWav2Vec2WindowValues * 4;  // wav2vec2's activations stay fp32 (layer norms)
+  x.audio = audio_w + kWav2Vec2WindowBytesFp32 * b / 4;
   x.resident = vae_w + audio_w;
   x.text = kUmt5Parameters * b + kUmt5PassValues * 4;
   return x;

@@ -207,7 +207,7 @@ int main(int argc, char** argv) {
     session.set_condition(ref, motion, text);
     const double condition_s = std::chrono::duration<double>(Clock::now() - t0).count();
     const uint64_t caches = counter.live() - before_condition;
-    const uint64_t condition_peak = counter.peak() - before_condition;
+    const uint64_t condition_peak = counter.peak() - before_condition - caches;  // the prefill's transients
 
     counter.reset_peak();
     const uint64_t before_block = counter.live();
