@@ -195,6 +195,30 @@ struct LoraReport {
   std::vector<std::string> replaced;  // base keys replaced by a full weight from the LoRA file
 };
 
+/// One base weight's update from a LoRA file: the pair (delta = B @ A * scale) or a full replacement.
+struct LoraPatch {
+  at::Tensor a, b;      // [r, in], [out, r] (pair)
+  double scale = 1.0;   // alpha / r
+  at::Tensor full;      // replacement weight (defined instead of the pair)
+  std::string file;
+};
+/// base weight key ("blocks.0.self_attn.q.weight") -> its update.
+using LoraIndex = std::map<std::string, LoraPatch>;
+
+/// Parses and validates a PEFT LoRA state dict against the base weights (`base`: key -> shape, dtype) without
+/// touching any weight; the same rules and messages as merge_lora. Throws WeightsError.
+LoraIndex index_lora(const Checkpoint& lora, const Layout& base, const LoraOptions& options = {});
+
+/// w updated by `patch` as merge_lora does it (w.float() + B.float() @ A.float() * scale, cast back to w's dtype;
+/// or the replacement cast to w's dtype and device). chunk_rows > 0 computes it in blocks of rows, so the fp32
+/// temporaries stay chunk_rows x in (the GEMM per block may round differently from the whole one).
+at::Tensor apply_lora(const at::Tensor& w, const LoraPatch& patch, int64_t chunk_rows = 0);
+
+/// Drops the resident pages under a CPU tensor that views a checkpoint file mapping (MADV_PAGEOUT), so reading a
+/// large checkpoint tensor by tensor keeps host memory at about one tensor; later reads fault the pages in again.
+/// Never changes the tensor's values; a no-op on other memory and on kernels without MADV_PAGEOUT.
+void release_pages(const at::Tensor& tensor);
+
 /// Merges a PEFT LoRA state dict into `base`: for every "<prefix>X.lora_A[.default].weight" /
 /// "X.lora_B[.default].weight" pair, base["X.weight"] += B @ A * alpha / r computed in fp32 and cast back to the base
 /// dtype. Fails (and changes nothing) on: a pair with one half missing, no base weight X.weight, a rank that differs

@@ -5,8 +5,7 @@
 namespace liveavatar::dit {
 
 CausalConv1dImpl::CausalConv1dImpl(const CausalConv1dOptions& opts) : options(opts) {
-  conv = register_module("conv", torch::nn::Conv1d(torch::nn::Conv1dOptions(opts.in, opts.out, opts.kernel)
-                                                       .stride(opts.stride)));
+  conv = register_module("conv", Conv1d(opts.in, opts.out, opts.kernel, opts.stride, opts.params));
 }
 
 at::Tensor CausalConv1dImpl::forward(const at::Tensor& x) {
@@ -17,13 +16,15 @@ at::Tensor CausalConv1dImpl::forward(const at::Tensor& x) {
 
 MotionEncoderImpl::MotionEncoderImpl(const MotionEncoderOptions& opts) : options(opts) {
   const int64_t h = opts.hidden_dim;
-  conv1_local = register_module("conv1_local", CausalConv1d(CausalConv1dOptions{opts.in_dim, h / 4 * opts.num_heads, 3, 1}));
+  const auto& p = opts.params;
+  conv1_local = register_module("conv1_local",
+                                CausalConv1d(CausalConv1dOptions{opts.in_dim, h / 4 * opts.num_heads, 3, 1, p}));
   if (opts.need_global)
-    conv1_global = register_module("conv1_global", CausalConv1d(CausalConv1dOptions{opts.in_dim, h / 4, 3, 1}));
-  conv2 = register_module("conv2", CausalConv1d(CausalConv1dOptions{h / 4, h / 2, 3, 2}));
-  conv3 = register_module("conv3", CausalConv1d(CausalConv1dOptions{h / 2, h, 3, 2}));
-  if (opts.need_global) final_linear = register_module("final_linear", torch::nn::Linear(h, h));
-  padding_tokens = register_parameter("padding_tokens", at::zeros({1, 1, 1, h}));
+    conv1_global = register_module("conv1_global", CausalConv1d(CausalConv1dOptions{opts.in_dim, h / 4, 3, 1, p}));
+  conv2 = register_module("conv2", CausalConv1d(CausalConv1dOptions{h / 4, h / 2, 3, 2, p}));
+  conv3 = register_module("conv3", CausalConv1d(CausalConv1dOptions{h / 2, h, 3, 2, p}));
+  if (opts.need_global) final_linear = register_module("final_linear", Linear(h, h, p));
+  padding_tokens = register_parameter("padding_tokens", at::empty({1, 1, 1, h}, p.tensor), false);
 }
 
 std::pair<at::Tensor, at::Tensor> MotionEncoderImpl::forward(const at::Tensor& x_btc) {
@@ -55,8 +56,9 @@ std::pair<at::Tensor, at::Tensor> MotionEncoderImpl::forward(const at::Tensor& x
 
 AudioEncoderImpl::AudioEncoderImpl(const AudioEncoderOptions& opts) : options(opts) {
   encoder = register_module("encoder", MotionEncoder(MotionEncoderOptions{opts.audio_dim, opts.out_dim,
-                                                                          opts.num_token, opts.need_global}));
-  weights = register_parameter("weights", at::ones({1, opts.num_layers, 1, 1}) * 0.01);
+                                                                          opts.num_token, opts.need_global,
+                                                                          opts.params}));
+  weights = register_parameter("weights", at::empty({1, opts.num_layers, 1, 1}, opts.params.tensor), false);
 }
 
 std::pair<at::Tensor, at::Tensor> AudioEncoderImpl::forward(const at::Tensor& features) {
@@ -68,8 +70,9 @@ std::pair<at::Tensor, at::Tensor> AudioEncoderImpl::forward(const at::Tensor& fe
   return encoder->forward(weighted.permute({0, 2, 1}));  // input [B, T, C]
 }
 
-AdaLayerNormImpl::AdaLayerNormImpl(int64_t embedding_dim, int64_t output_dim, double eps_) : eps(eps_) {
-  linear = register_module("linear", torch::nn::Linear(embedding_dim, output_dim));
+AdaLayerNormImpl::AdaLayerNormImpl(int64_t embedding_dim, int64_t output_dim, double eps_, const ParamOptions& params)
+    : eps(eps_) {
+  linear = register_module("linear", Linear(embedding_dim, output_dim, params));
 }
 
 at::Tensor AdaLayerNormImpl::forward(const at::Tensor& x, const at::Tensor& temb) {
@@ -80,17 +83,17 @@ at::Tensor AdaLayerNormImpl::forward(const at::Tensor& x, const at::Tensor& temb
 }
 
 AudioInjectorImpl::AudioInjectorImpl(const AudioInjectorOptions& opts) : options(opts) {
-  injector = register_module("injector", torch::nn::ModuleList());
-  for (int64_t i = 0; i < opts.num_injectors; ++i)
-    injector->push_back(Attention(AttentionOptions{opts.dim, opts.num_heads, opts.eps}));
+  const auto& p = opts.params;
+  injector = register_module("injector", IndexedList());
+  for (int64_t i : opts.indices)
+    injector->insert(i, Attention(AttentionOptions{opts.dim, opts.num_heads, opts.eps, p}).ptr());
   if (opts.enable_adain) {
-    injector_adain_layers = register_module("injector_adain_layers", torch::nn::ModuleList());
-    for (int64_t i = 0; i < opts.num_injectors; ++i)
-      injector_adain_layers->push_back(AdaLayerNorm(opts.dim, 2 * opts.dim, opts.adain_eps));
+    injector_adain_layers = register_module("injector_adain_layers", IndexedList());
+    for (int64_t i : opts.indices)
+      injector_adain_layers->insert(i, AdaLayerNorm(opts.dim, 2 * opts.dim, opts.adain_eps, p).ptr());
     if (opts.need_adain_out) {
-      injector_adain_output_layers = register_module("injector_adain_output_layers", torch::nn::ModuleList());
-      for (int64_t i = 0; i < opts.num_injectors; ++i)
-        injector_adain_output_layers->push_back(torch::nn::Linear(opts.dim, opts.dim));
+      injector_adain_output_layers = register_module("injector_adain_output_layers", IndexedList());
+      for (int64_t i : opts.indices) injector_adain_output_layers->insert(i, Linear(opts.dim, opts.dim, p).ptr());
     }
   }
 }
@@ -112,11 +115,9 @@ at::Tensor AudioInjectorImpl::forward(int64_t index, const at::Tensor& hidden, c
 }
 
 FramePackImpl::FramePackImpl(const FramePackOptions& opts) : options(opts) {
-  using torch::nn::Conv3d;
-  using torch::nn::Conv3dOptions;
-  proj = register_module("proj", Conv3d(Conv3dOptions(opts.in_channels, opts.dim, {1, 2, 2}).stride({1, 2, 2})));
-  proj_2x = register_module("proj_2x", Conv3d(Conv3dOptions(opts.in_channels, opts.dim, {2, 4, 4}).stride({2, 4, 4})));
-  proj_4x = register_module("proj_4x", Conv3d(Conv3dOptions(opts.in_channels, opts.dim, {4, 8, 8}).stride({4, 8, 8})));
+  proj = register_module("proj", PatchConv3d(opts.in_channels, opts.dim, std::array<int64_t, 3>{1, 2, 2}, opts.params));
+  proj_2x = register_module("proj_2x", PatchConv3d(opts.in_channels, opts.dim, std::array<int64_t, 3>{2, 4, 4}, opts.params));
+  proj_4x = register_module("proj_4x", PatchConv3d(opts.in_channels, opts.dim, std::array<int64_t, 3>{4, 8, 8}, opts.params));
 }
 
 at::Tensor FramePackImpl::forward(const at::Tensor& motion) {

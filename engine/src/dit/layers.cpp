@@ -6,15 +6,82 @@
 
 namespace liveavatar::dit {
 
-at::Tensor linear_f32(const at::Tensor& x, const torch::nn::LinearImpl& linear) {
-  const auto& w = linear.weight;
-  const auto& b = linear.bias;
-  if (w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat) return at::linear(x, w, b);
-  return at::linear(x.to(at::kFloat), w.to(at::kFloat), b.defined() ? b.to(at::kFloat) : b);
+// --- Primitives ---------------------------------------------------------------------------------------------
+LinearImpl::LinearImpl(int64_t in, int64_t out, const ParamOptions& params, bool with_bias)
+    : in_features(in), out_features(out) {
+  if (params.fp8) {
+    weight_fp8 = register_parameter("weight_fp8", at::empty({out, in}, params.tensor.dtype(at::kFloat8_e4m3fn)),
+                                    /*requires_grad=*/false);
+    const auto scale_shape = params.fp8_per_channel ? std::vector<int64_t>{out} : std::vector<int64_t>{};
+    weight_scale = register_parameter("weight_scale", at::empty(scale_shape, params.tensor.dtype(at::kFloat)),
+                                      /*requires_grad=*/false);
+  } else {
+    weight = register_parameter("weight", at::empty({out, in}, params.tensor), /*requires_grad=*/false);
+  }
+  if (with_bias) bias = register_parameter("bias", at::empty({out}, params.tensor), /*requires_grad=*/false);
 }
 
+at::Tensor LinearImpl::dense_weight(at::ScalarType dtype) const {
+  if (!is_fp8()) return weight.scalar_type() == dtype ? weight : weight.to(dtype);
+  // Dequantise as fp8.float() * scale (per tensor: 0-dim; per channel: [out, 1]), then the compute dtype.
+  const auto scale = weight_scale.dim() == 0 ? weight_scale : weight_scale.unsqueeze(1);
+  return (weight_fp8.to(at::kFloat) * scale).to(dtype);
+}
+
+at::Tensor LinearImpl::forward(const at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  const auto b = bias.defined() && bias.scalar_type() != dtype ? bias.to(dtype) : bias;
+  return at::linear(x, dense_weight(dtype), b);
+}
+
+at::Tensor linear_f32(const at::Tensor& x, const LinearImpl& linear) {
+  const auto& b = linear.bias;
+  if (!linear.is_fp8() && linear.weight.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat)
+    return at::linear(x, linear.weight, b);
+  return at::linear(x.to(at::kFloat), linear.dense_weight(at::kFloat), b.defined() ? b.to(at::kFloat) : b);
+}
+
+PatchConv3dImpl::PatchConv3dImpl(int64_t in, int64_t out, std::array<int64_t, 3> k, const ParamOptions& params)
+    : kernel(k) {
+  weight = register_parameter("weight", at::empty({out, in, k[0], k[1], k[2]}, params.tensor), false);
+  bias = register_parameter("bias", at::empty({out}, params.tensor), false);
+}
+
+at::Tensor PatchConv3dImpl::forward(const at::Tensor& x) {
+  return at::conv3d(x, weight, bias, {kernel[0], kernel[1], kernel[2]});
+}
+
+Conv1dImpl::Conv1dImpl(int64_t in, int64_t out, int64_t kernel, int64_t stride_, const ParamOptions& params)
+    : stride(stride_) {
+  weight = register_parameter("weight", at::empty({out, in, kernel}, params.tensor), false);
+  bias = register_parameter("bias", at::empty({out}, params.tensor), false);
+}
+
+at::Tensor Conv1dImpl::forward(const at::Tensor& x) { return at::conv1d(x, weight, bias, {stride}); }
+
+AffineLayerNormImpl::AffineLayerNormImpl(int64_t dim, double eps_, const ParamOptions& params) : eps(eps_) {
+  weight = register_parameter("weight", at::empty({dim}, params.tensor), false);
+  bias = register_parameter("bias", at::empty({dim}, params.tensor), false);
+}
+
+EmbeddingImpl::EmbeddingImpl(int64_t rows, int64_t dim, const ParamOptions& params) {
+  weight = register_parameter("weight", at::empty({rows, dim}, params.tensor), false);
+}
+
+void IndexedListImpl::insert(int64_t index, std::shared_ptr<torch::nn::Module> module) {
+  items_[index] = register_module(std::to_string(index), std::move(module));
+}
+
+std::shared_ptr<torch::nn::Module> IndexedListImpl::operator[](int64_t index) const {
+  const auto it = items_.find(index);
+  if (it == items_.end())
+    throw DitError("layer " + std::to_string(index) + " is not held by this model (a shard of other layers)");
+  return it->second;
+}
+
+// --- Transformer layers --------------------------------------------------------------------------------------
 RMSNormImpl::RMSNormImpl(const RMSNormOptions& opts) : options(opts) {
-  weight = register_parameter("weight", at::ones({opts.dim}));
+  weight = register_parameter("weight", at::empty({opts.dim}, opts.params.tensor), /*requires_grad=*/false);
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
@@ -27,12 +94,13 @@ AttentionImpl::AttentionImpl(const AttentionOptions& opts) : options(opts) {
   if (opts.dim % opts.num_heads != 0)
     throw DitError("attention: dim " + std::to_string(opts.dim) + " is not a multiple of num_heads " +
                    std::to_string(opts.num_heads));
-  q = register_module("q", torch::nn::Linear(opts.dim, opts.dim));
-  k = register_module("k", torch::nn::Linear(opts.dim, opts.dim));
-  v = register_module("v", torch::nn::Linear(opts.dim, opts.dim));
-  o = register_module("o", torch::nn::Linear(opts.dim, opts.dim));
-  norm_q = register_module("norm_q", RMSNorm(RMSNormOptions{opts.dim, opts.eps}));
-  norm_k = register_module("norm_k", RMSNorm(RMSNormOptions{opts.dim, opts.eps}));
+  q = register_module("q", Linear(opts.dim, opts.dim, opts.params));
+  k = register_module("k", Linear(opts.dim, opts.dim, opts.params));
+  v = register_module("v", Linear(opts.dim, opts.dim, opts.params));
+  o = register_module("o", Linear(opts.dim, opts.dim, opts.params));
+  const auto hp = opts.params.high_precision();
+  norm_q = register_module("norm_q", RMSNorm(RMSNormOptions{opts.dim, opts.eps, hp}));
+  norm_k = register_module("norm_k", RMSNorm(RMSNormOptions{opts.dim, opts.eps, hp}));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> AttentionImpl::qkv(const at::Tensor& x) {
@@ -55,24 +123,30 @@ at::Tensor AttentionImpl::attend(const at::Tensor& qh, const at::Tensor& kh, con
 }
 
 at::Tensor AttentionImpl::cross(const at::Tensor& x, const at::Tensor& context) {
+  return cross_cached(x, cross_kv(context));
+}
+
+LayerKV AttentionImpl::cross_kv(const at::Tensor& context) {
+  const int64_t b = context.size(0), n = options.num_heads, d = options.dim / options.num_heads;
+  return {norm_k(k(context)).view({b, -1, n, d}), v(context).view({b, -1, n, d})};  // [B, L2, H, D]
+}
+
+at::Tensor AttentionImpl::cross_cached(const at::Tensor& x, const LayerKV& kv) {
   const int64_t b = x.size(0), n = options.num_heads, d = options.dim / options.num_heads;
-  const auto qh = norm_q(q(x)).view({b, -1, n, d});        // [B, L1, H, D]
-  const auto kh = norm_k(k(context)).view({b, -1, n, d});  // [B, L2, H, D]
-  const auto vh = v(context).view({b, -1, n, d});
-  return attend(qh, kh, vh);
+  const auto qh = norm_q(q(x)).view({b, -1, n, d});  // [B, L1, H, D]
+  return attend(qh, kv.k, kv.v);
 }
 
 BlockImpl::BlockImpl(const BlockOptions& opts) : options(opts) {
   // Registration order follows the upstream module (norm1 and norm2 have no parameters).
-  self_attn = register_module("self_attn", Attention(AttentionOptions{opts.dim, opts.num_heads, opts.eps}));
-  norm3 = register_module("norm3", torch::nn::LayerNorm(torch::nn::LayerNormOptions({opts.dim})
-                                                            .eps(opts.eps)
-                                                            .elementwise_affine(true)));
-  cross_attn = register_module("cross_attn", Attention(AttentionOptions{opts.dim, opts.num_heads, opts.eps}));
-  ffn = register_module("ffn", torch::nn::Sequential(torch::nn::Linear(opts.dim, opts.ffn_dim),
+  const auto& p = opts.params;
+  self_attn = register_module("self_attn", Attention(AttentionOptions{opts.dim, opts.num_heads, opts.eps, p}));
+  norm3 = register_module("norm3", AffineLayerNorm(opts.dim, opts.eps, p.high_precision()));
+  cross_attn = register_module("cross_attn", Attention(AttentionOptions{opts.dim, opts.num_heads, opts.eps, p}));
+  ffn = register_module("ffn", torch::nn::Sequential(Linear(opts.dim, opts.ffn_dim, p),
                                                      torch::nn::GELU(torch::nn::GELUOptions().approximate("tanh")),
-                                                     torch::nn::Linear(opts.ffn_dim, opts.dim)));
-  modulation = register_parameter("modulation", at::randn({1, 6, opts.dim}) / std::sqrt(double(opts.dim)));
+                                                     Linear(opts.ffn_dim, opts.dim, p)));
+  modulation = register_parameter("modulation", at::empty({1, 6, opts.dim}, p.tensor), /*requires_grad=*/false);
 }
 
 Modulation BlockImpl::modulation_for(const at::Tensor& e0, bool conditioning) const {
@@ -105,6 +179,11 @@ at::Tensor gate(const at::Tensor& y, const at::Tensor& g, int64_t groups) {
 
 at::Tensor BlockImpl::forward(const at::Tensor& x, const Modulation& mod, const at::Tensor& context,
                               const SelfAttentionFn& attention) {
+  return forward(x, mod, cross_attn->cross_kv(context), attention);
+}
+
+at::Tensor BlockImpl::forward(const at::Tensor& x, const Modulation& mod, const LayerKV& context_kv,
+                              const SelfAttentionFn& attention) {
   const auto dtype = x.scalar_type();
   const int64_t groups = mod.groups;
   if (x.size(1) % groups != 0)
@@ -119,7 +198,7 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, const Modulation& mod, const 
 
   // Cross-attention to the text; upstream rounds the residual to bf16 before norm3 even in fp32 runs.
   const auto n3 = at::layer_norm(h.to(at::kBFloat16), {options.dim}, norm3->weight, norm3->bias, options.eps);
-  h = h + cross_attn->cross(n3.to(dtype), context);
+  h = h + cross_attn->cross_cached(n3.to(dtype), context_kv);
 
   // FFN with GELU(tanh).
   const auto norm2_x = modulate(plain_layer_norm(h, options.eps).to(at::kFloat), mod.e[3], mod.e[4], groups);
@@ -130,8 +209,8 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, const Modulation& mod, const 
 
 HeadImpl::HeadImpl(const HeadOptions& opts) : options(opts) {
   const int64_t out = opts.out_dim * opts.patch_size[0] * opts.patch_size[1] * opts.patch_size[2];
-  head = register_module("head", torch::nn::Linear(opts.dim, out));
-  modulation = register_parameter("modulation", at::randn({1, 2, opts.dim}) / std::sqrt(double(opts.dim)));
+  head = register_module("head", Linear(opts.dim, out, opts.params));
+  modulation = register_parameter("modulation", at::empty({1, 2, opts.dim}, opts.params.tensor), false);
 }
 
 at::Tensor HeadImpl::forward(const at::Tensor& x, const at::Tensor& e) {

@@ -2,11 +2,10 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include "model.h"
 
-#include <ATen/core/Generator.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/nn/modules/activation.h>
 
 #include <algorithm>
+#include <tuple>
 
 namespace liveavatar::dit {
 
@@ -18,58 +17,95 @@ at::Tensor sinusoidal_embedding(int64_t dim, const at::Tensor& position) {
   return at::cat({at::cos(sinusoid), at::sin(sinusoid)}, 1);  // [N, dim]
 }
 
-CausalWanModelS2VImpl::CausalWanModelS2VImpl(const ModelConfig& cfg) : config(cfg) {
+CausalWanModelS2VImpl::CausalWanModelS2VImpl(const ModelConfig& cfg) : CausalWanModelS2VImpl(cfg, BuildOptions{}) {}
+
+CausalWanModelS2VImpl::CausalWanModelS2VImpl(const ModelConfig& cfg, const BuildOptions& options)
+    : config(cfg), build_(options) {
   config.validate();
+  if (build_.last_layer < 0) build_.last_layer = cfg.num_layers;
+  if (build_.first_layer < 0 || build_.first_layer > build_.last_layer || build_.last_layer > cfg.num_layers)
+    throw DitError("layer range [" + std::to_string(build_.first_layer) + ", " + std::to_string(build_.last_layer) +
+                   ") is not inside [0, " + std::to_string(cfg.num_layers) + ")");
   const int64_t dim = cfg.dim;
-  using namespace torch::nn;
-  const auto& p = cfg.patch_size;
+  const auto& p = build_.params;
+  const auto hp = p.high_precision();            // modules upstream keeps out of FP8
+  const auto f32 = p.with_dtype(at::kFloat);     // modules upstream runs under autocast(float32)
+  using torch::nn::GELU;
+  using torch::nn::GELUOptions;
+  using torch::nn::Sequential;
+  using torch::nn::SiLU;
+  const auto& ps = cfg.patch_size;
   // Registration order = upstream construction order (state_dict order).
-  patch_embedding = register_module(
-      "patch_embedding", Conv3d(Conv3dOptions(cfg.in_dim, dim, {p[0], p[1], p[2]}).stride({p[0], p[1], p[2]})));
-  text_embedding = register_module(
-      "text_embedding", Sequential(Linear(cfg.text_dim, dim), GELU(GELUOptions().approximate("tanh")), Linear(dim, dim)));
-  time_embedding = register_module("time_embedding", Sequential(Linear(cfg.freq_dim, dim), SiLU(), Linear(dim, dim)));
-  time_projection = register_module("time_projection", Sequential(SiLU(), Linear(dim, dim * 6)));
-  blocks = register_module("blocks", ModuleList());
-  for (int64_t i = 0; i < cfg.num_layers; ++i)
-    blocks->push_back(Block(BlockOptions{dim, cfg.ffn_dim, cfg.num_heads, cfg.eps}));
-  head = register_module("head", Head(HeadOptions{dim, cfg.out_dim, cfg.patch_size, cfg.eps}));
-  cond_encoder = register_module(
-      "cond_encoder", Conv3d(Conv3dOptions(cfg.cond_dim, dim, {p[0], p[1], p[2]}).stride({p[0], p[1], p[2]})));
-  casual_audio_encoder = register_module(
-      "casual_audio_encoder",
-      AudioEncoder(AudioEncoderOptions{cfg.audio_dim, cfg.audio_layers, dim, cfg.num_audio_token, cfg.enable_adain}));
+  if (build_.embeddings) {
+    patch_embedding = register_module("patch_embedding", PatchConv3d(cfg.in_dim, dim, ps, hp));
+    text_embedding = register_module(
+        "text_embedding",
+        Sequential(Linear(cfg.text_dim, dim, hp), GELU(GELUOptions().approximate("tanh")), Linear(dim, dim, hp)));
+    time_embedding =
+        register_module("time_embedding", Sequential(Linear(cfg.freq_dim, dim, f32), SiLU(), Linear(dim, dim, f32)));
+    time_projection = register_module("time_projection", Sequential(SiLU(), Linear(dim, dim * 6, f32)));
+  }
+  blocks = register_module("blocks", IndexedList());
+  for (int64_t i = build_.first_layer; i < build_.last_layer; ++i)
+    blocks->insert(i, Block(BlockOptions{dim, cfg.ffn_dim, cfg.num_heads, cfg.eps, p}).ptr());
+  if (build_.head) head = register_module("head", Head(HeadOptions{dim, cfg.out_dim, cfg.patch_size, cfg.eps, f32}));
+  if (build_.embeddings) {
+    cond_encoder = register_module("cond_encoder", PatchConv3d(cfg.cond_dim, dim, ps, hp));
+    casual_audio_encoder = register_module(
+        "casual_audio_encoder",
+        AudioEncoder(AudioEncoderOptions{cfg.audio_dim, cfg.audio_layers, dim, cfg.num_audio_token, cfg.enable_adain,
+                                         f32}));
+  }
   injector_index_.assign(static_cast<size_t>(cfg.num_layers), -1);
+  std::vector<int64_t> held;
   int64_t n = 0;
   for (int64_t layer = 0; layer < cfg.num_layers; ++layer)
     if (std::find(cfg.audio_inject_layers.begin(), cfg.audio_inject_layers.end(), layer) !=
-        cfg.audio_inject_layers.end())
-      injector_index_[static_cast<size_t>(layer)] = n++;
+        cfg.audio_inject_layers.end()) {
+      injector_index_[static_cast<size_t>(layer)] = n;
+      if (layer >= build_.first_layer && layer < build_.last_layer) held.push_back(n);
+      ++n;
+    }
   audio_injector = register_module(
-      "audio_injector", AudioInjector(AudioInjectorOptions{dim, cfg.num_heads, n, cfg.enable_adain,
-                                                           cfg.adain_mode != "attn_norm", cfg.eps, cfg.adain_eps}));
-  trainable_cond_mask = register_module("trainable_cond_mask", Embedding(3, dim));
-  frame_packer = register_module("frame_packer", FramePack(FramePackOptions{dim, cfg.in_dim, cfg.framepack_buckets}));
+      "audio_injector", AudioInjector(AudioInjectorOptions{dim, cfg.num_heads, held, cfg.enable_adain,
+                                                           cfg.adain_mode != "attn_norm", 1e-6, cfg.adain_eps, p}));
+  if (build_.embeddings) {
+    trainable_cond_mask = register_module("trainable_cond_mask", Embedding(3, dim, hp));
+    frame_packer = register_module("frame_packer", FramePack(FramePackOptions{dim, cfg.in_dim, cfg.framepack_buckets, hp}));
+  }
+}
+
+void CausalWanModelS2VImpl::require_embeddings(const char* what) const {
+  if (!build_.embeddings)
+    throw DitError(std::string(what) + " needs the embeddings, which this shard (layers " +
+                   std::to_string(build_.first_layer) + ".." + std::to_string(build_.last_layer) +
+                   ") does not hold: call it on the first shard");
+}
+
+void CausalWanModelS2VImpl::require_layers(int64_t first, int64_t last) const {
+  if (!holds_layers(first, last))
+    throw DitError("layers [" + std::to_string(first) + ", " + std::to_string(last) + ") are not all held by this "
+                   "model (layers [" + std::to_string(build_.first_layer) + ", " +
+                   std::to_string(build_.last_layer) + "))");
 }
 
 at::Tensor CausalWanModelS2VImpl::embed_text(const at::Tensor& context) {
+  require_embeddings("embed_text");
   if (context.dim() != 2 || context.size(1) != config.text_dim || context.size(0) > config.text_len)
     throw DitError("text context must be [L <= " + std::to_string(config.text_len) + ", " +
                    std::to_string(config.text_dim) + "], got " + c10::str(context.sizes()));
-  const auto w = text_embedding[0]->as<torch::nn::LinearImpl>()->weight;
-  auto padded = at::zeros({config.text_len, config.text_dim}, w.options());
+  auto padded = at::zeros({config.text_len, config.text_dim}, options());
   padded.slice(0, 0, context.size(0)).copy_(context);
   return text_embedding->forward(padded.unsqueeze(0));  // [1, text_len, dim]
 }
 
 std::pair<at::Tensor, at::Tensor> CausalWanModelS2VImpl::embed_time(const at::Tensor& t) {
   // Rows: the F timesteps of the block, then F zeros (zero_timestep: the t = 0 modulation of ref / motion tokens).
+  require_embeddings("embed_time");
   const int64_t f = t.numel();
   const auto tt = at::cat({t.reshape({1, f}).to(at::kCPU), at::zeros({1, f}, t.options().device(at::kCPU))});
-  const auto sin = sinusoidal_embedding(config.freq_dim, tt.flatten()).to(at::kFloat).to(patch_embedding->weight.device());
-  auto lin = [](torch::nn::Sequential& seq, size_t i) -> const torch::nn::LinearImpl& {
-    return *seq[i]->as<torch::nn::LinearImpl>();
-  };
+  const auto sin = sinusoidal_embedding(config.freq_dim, tt.flatten()).to(at::kFloat).to(options().device());
+  auto lin = [](torch::nn::Sequential& seq, size_t i) -> const LinearImpl& { return *seq[i]->as<LinearImpl>(); };
   auto e = linear_f32(at::silu(linear_f32(sin, lin(time_embedding, 0))), lin(time_embedding, 2));  // [2F, dim]
   auto e0 = linear_f32(at::silu(e), lin(time_projection, 1));                                      // [2F, 6 dim]
   e0 = e0.unflatten(1, {6, config.dim}).unflatten(0, {2, f});                   // [2, F, 6, dim]
@@ -81,11 +117,11 @@ std::pair<at::Tensor, at::Tensor> CausalWanModelS2VImpl::encode_audio(const at::
   if (audio.dim() != 4 || audio.size(1) != config.audio_layers || audio.size(2) != config.audio_dim)
     throw DitError("audio features must be [1, " + std::to_string(config.audio_layers) + ", " +
                    std::to_string(config.audio_dim) + ", T], got " + c10::str(audio.sizes()));
-  const auto dev = patch_embedding->weight.device();
-  const auto a = audio.to(dev);
+  require_embeddings("encode_audio");
+  const auto a = audio.to(options().device());
   const auto padded = at::cat({a.slice(3, 0, 1).repeat({1, 1, 1, config.motion_frames}), a}, 3);
   auto [global, local] = casual_audio_encoder->forward(padded);
-  const auto dtype = patch_embedding->weight.scalar_type();
+  const auto dtype = build_.params.dtype();
   const int64_t skip = config.lat_motion_frames();
   local = local.to(dtype).slice(1, skip);
   if (global.defined()) global = global.to(dtype).slice(1, skip);
@@ -109,6 +145,7 @@ std::vector<RopeSegment> cond_segments(const ModelConfig& config, int64_t hp, in
 
 std::pair<at::Tensor, std::vector<RopeSegment>> CausalWanModelS2VImpl::cond_tokens(const at::Tensor& ref,
                                                                                     const at::Tensor& motion) {
+  require_embeddings("cond_tokens");
   const auto& w = patch_embedding->weight;
   const auto ref_emb = patch_embedding(ref.to(w.device(), w.scalar_type()).unsqueeze(0));  // [1, dim, 1, h, w]
   const int64_t hp = ref_emb.size(3), wp = ref_emb.size(4);
@@ -122,8 +159,8 @@ std::pair<at::Tensor, std::vector<RopeSegment>> CausalWanModelS2VImpl::cond_toke
   return {x, segs};
 }
 
-void CausalWanModelS2VImpl::prefill(const at::Tensor& ref, const at::Tensor& motion, const at::Tensor& context_emb,
-                                    CondCache& cache) {
+SinkInputs CausalWanModelS2VImpl::prepare_sink(const at::Tensor& ref, const at::Tensor& motion) {
+  require_embeddings("prepare_sink");
   if (ref.dim() != 4 || ref.size(0) != config.in_dim || ref.size(1) != 1)
     throw DitError("reference latent must be [" + std::to_string(config.in_dim) + ", 1, H, W], got " +
                    c10::str(ref.sizes()));
@@ -131,28 +168,72 @@ void CausalWanModelS2VImpl::prefill(const at::Tensor& ref, const at::Tensor& mot
       motion.size(3) != ref.size(3))
     throw DitError("motion latents must be [" + std::to_string(config.in_dim) + ", T, H, W] like the reference, got " +
                    c10::str(motion.sizes()));
-  auto [x, segs] = cond_tokens(ref, motion);
-  const auto positions = rope_positions(segs, 0);
-  if (positions.size(0) != x.size(1))
-    throw DitError("sink: " + std::to_string(x.size(1)) + " tokens but RoPE covers " +
+  SinkInputs in;
+  std::tie(in.hidden, in.segments) = cond_tokens(ref, motion);
+  const auto positions = rope_positions(in.segments, 0);
+  if (positions.size(0) != in.hidden.size(1))
+    throw DitError("sink: " + std::to_string(in.hidden.size(1)) + " tokens but RoPE covers " +
                    std::to_string(positions.size(0)) + " (latent H, W must be multiples of 8)");
-  const auto table = rope_table(positions, config.head_dim()).to(x.device());
-  const auto zero_t = at::zeros({config.frames_per_block}, at::kFloat);
-  const auto e0 = embed_time(zero_t).second;
-  cache.layers.assign(static_cast<size_t>(config.num_layers), {});
-  cache.segments = segs;
+  const auto table = rope_real(rope_table(positions, config.head_dim()));
+  in.rope = {table.cos.to(options().device()), table.sin.to(options().device())};
+  in.e0 = embed_time(at::zeros({config.frames_per_block}, at::kFloat)).second;
+  return in;
+}
+
+std::vector<LayerKV> CausalWanModelS2VImpl::text_kv(const at::Tensor& context_emb, int64_t first, int64_t last) {
+  require_layers(first, last);
+  std::vector<LayerKV> out(static_cast<size_t>(config.num_layers));
+  const auto ctx = context_emb.to(options().device());
+  for (int64_t i = first; i < last; ++i)
+    out[static_cast<size_t>(i)] = blocks[i]->as<BlockImpl>()->cross_attn->cross_kv(ctx);
+  return out;
+}
+
+namespace {
+const LayerKV& text_of(const std::vector<LayerKV>& text, int64_t layer) {
+  if (static_cast<int64_t>(text.size()) <= layer || !text[static_cast<size_t>(layer)].k.defined())
+    throw DitError("no text cross-attention K/V for layer " + std::to_string(layer) +
+                   ": set the text (set_text / set_condition) before prefill or denoising");
+  return text[static_cast<size_t>(layer)];
+}
+}  // namespace
+
+void CausalWanModelS2VImpl::prefill_layers(int64_t first, int64_t last, SinkInputs& in,
+                                           const std::vector<LayerKV>& text, CondCache& cache) {
+  require_layers(first, last);
+  const auto dev = options().device();
+  auto x = in.hidden.to(dev);
+  const RopeTable table{in.rope.cos.to(dev), in.rope.sin.to(dev)};
+  const auto e0 = in.e0.to(dev);
+  if (cache.layers.size() != static_cast<size_t>(config.num_layers))
+    cache.layers.assign(static_cast<size_t>(config.num_layers), {});
+  cache.segments = in.segments;
   cache.tokens = x.size(1);
-  for (int64_t i = 0; i < config.num_layers; ++i) {
-    auto block = blocks[static_cast<size_t>(i)]->as<BlockImpl>();
+  for (int64_t i = first; i < last; ++i) {
+    auto block = blocks[i]->as<BlockImpl>();
     auto& slot = cache.layers[static_cast<size_t>(i)];
     const auto mod = block->modulation_for(e0, /*conditioning=*/true);
-    x = block->forward(x, mod, context_emb, [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    x = block->forward(x, mod, text_of(text, i), [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
       return sink_attention(q, k, v, table, slot);
     });
   }
+  in.hidden = x;
+}
+
+void CausalWanModelS2VImpl::prefill(const at::Tensor& ref, const at::Tensor& motion, const at::Tensor& context_emb,
+                                    CondCache& cache) {
+  auto in = prepare_sink(ref, motion);
+  const auto text = text_kv(context_emb, 0, config.num_layers);
+  cache.layers.assign(static_cast<size_t>(config.num_layers), {});
+  prefill_layers(0, config.num_layers, in, text, cache);
 }
 
 at::Tensor sink_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
+                          LayerKV& slot) {
+  return sink_attention(q, k, v, rope_real(table), slot);
+}
+
+at::Tensor sink_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RopeTable& table,
                           LayerKV& slot) {
   const auto dtype = v.scalar_type();
   slot.k = k.contiguous();  // stored un-roped; re-roped at every call
@@ -166,12 +247,20 @@ RingWindow ring_window(int64_t current_start, int64_t seq, int64_t capacity) {
   if (capacity <= 0 || capacity % seq != 0)
     throw DitError("KV ring of " + std::to_string(capacity) + " tokens does not hold whole blocks of " +
                    std::to_string(seq));
+  if (current_start < 0 || current_start % seq != 0)
+    throw DitError("a block starts at a multiple of its " + std::to_string(seq) + " tokens, not at token " +
+                   std::to_string(current_start) + " (the ring holds whole blocks)");
   if (current_start >= capacity) return {current_start % capacity, capacity};
   return {current_start, current_start + seq};
 }
 
 at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
                           const at::Tensor& cond_table, LayerKV& ring, const LayerKV& sink, const RingWindow& window) {
+  return ring_attention(q, k, v, rope_real(table), rope_real(cond_table), ring, sink, window);
+}
+
+at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RopeTable& table,
+                          const RopeTable& cond_table, LayerKV& ring, const LayerKV& sink, const RingWindow& window) {
   const auto dtype = v.scalar_type();
   const int64_t seq = k.size(1);
   const auto rq = rope_apply(q, table).to(dtype);
@@ -191,87 +280,120 @@ int64_t CausalWanModelS2VImpl::cond_rollout(int64_t current_frame, int64_t rope_
 KVCache CausalWanModelS2VImpl::make_kv_cache(int64_t frame_tokens) const {
   KVCache kv;
   kv.capacity = config.clip_frames * frame_tokens;
-  const auto& w = patch_embedding->weight;
-  for (int64_t i = 0; i < config.num_layers; ++i)
-    kv.layers.push_back({at::zeros({1, kv.capacity, config.num_heads, config.head_dim()}, w.options()),
-                         at::zeros({1, kv.capacity, config.num_heads, config.head_dim()}, w.options())});
+  kv.layers.resize(static_cast<size_t>(config.num_layers));
+  for (int64_t i = build_.first_layer; i < build_.last_layer; ++i)
+    kv.layers[static_cast<size_t>(i)] = {at::zeros({1, kv.capacity, config.num_heads, config.head_dim()}, options()),
+                                         at::zeros({1, kv.capacity, config.num_heads, config.head_dim()}, options())};
   return kv;
+}
+
+BlockInputs CausalWanModelS2VImpl::prepare_block(const at::Tensor& x_in, double t, const at::Tensor& cond_states,
+                                                 const at::Tensor& audio, const std::vector<RopeSegment>& segments,
+                                                 int64_t current_start, int64_t rope_offset, int64_t ring_capacity) {
+  require_embeddings("prepare");
+  const auto opts = options();
+  const auto dtype = build_.params.dtype();
+  if (x_in.dim() != 4 || x_in.size(0) != config.in_dim)
+    throw DitError("latents must be [" + std::to_string(config.in_dim) + ", F, H, W], got " + c10::str(x_in.sizes()));
+  if (segments.empty())
+    throw DitError("the conditioning sink is empty: prefill (set_condition) before denoising");
+  BlockInputs in;
+  const auto x5 = x_in.to(opts.device(), dtype).unsqueeze(0);  // [1, C, F, H, W]
+  in.frames = x5.size(2);
+  auto emb = patch_embedding(x5);                              // [1, dim, F, h, w]
+  at::Tensor cs = cond_states.defined()
+                      ? cond_states.to(opts.device(), dtype).unsqueeze(0)
+                      : at::zeros({1, config.cond_dim, in.frames, x5.size(3), x5.size(4)}, opts);
+  emb = emb + cond_encoder(cs);
+  in.hp = emb.size(3);
+  in.wp = emb.size(4);
+  const int64_t frame_tokens = in.hp * in.wp;
+  auto x = emb.flatten(2).transpose(1, 2);  // [1, L, dim]
+  const int64_t seq = x.size(1);
+  in.hidden = x + trainable_cond_mask->weight[0].to(dtype);
+
+  // Audio tokens of this block (all 25 wav2vec2 layers in, motion-frame padding dropped).
+  std::tie(in.audio_global, in.audio_local) = encode_audio(audio);
+  if (in.audio_local.size(1) != in.frames)
+    throw DitError("audio gives " + std::to_string(in.audio_local.size(1)) + " latent frames for a block of " +
+                   std::to_string(in.frames) + ": pass " + std::to_string(4 * in.frames) + " audio frames per block");
+
+  // RoPE: noisy tokens at their absolute frames; the sink re-roped with the reference shifted by the offset.
+  const int64_t current_frame = current_start / frame_tokens;
+  const std::vector<RopeSegment> noisy{{0, 0, 0, in.frames, in.hp, in.wp, in.frames, in.hp, in.wp, true}};
+  const auto table = rope_real(rope_table(rope_positions(noisy, current_frame), config.head_dim()));
+  const auto cond_table = rope_real(
+      rope_table(rope_positions(segments, cond_rollout(current_frame, rope_offset)), config.head_dim()));
+  in.rope = {table.cos.to(opts.device()), table.sin.to(opts.device())};
+  in.cond_rope = {cond_table.cos.to(opts.device()), cond_table.sin.to(opts.device())};
+
+  std::tie(in.e, in.e0) = embed_time(at::full({in.frames}, t, at::kFloat));
+
+  // Ring slot of this block.
+  if (ring_capacity % seq != 0)
+    throw DitError("KV cache of " + std::to_string(ring_capacity) + " tokens does not hold whole blocks of " +
+                   std::to_string(seq));
+  in.window = ring_window(current_start, seq, ring_capacity);
+  return in;
+}
+
+namespace {
+void move_inputs(BlockInputs& in, const c10::Device& dev) {
+  if (in.hidden.device() == dev) return;
+  for (at::Tensor* t : {&in.hidden, &in.e, &in.e0, &in.audio_global, &in.audio_local, &in.rope.cos, &in.rope.sin,
+                        &in.cond_rope.cos, &in.cond_rope.sin})
+    if (t->defined()) *t = t->to(dev);
+}
+}  // namespace
+
+void CausalWanModelS2VImpl::run_layers(int64_t first, int64_t last, BlockInputs& in, const std::vector<LayerKV>& text,
+                                       KVCache& kv, const CondCache& cond) {
+  require_layers(first, last);
+  move_inputs(in, options().device());
+  if (kv.layers.size() != static_cast<size_t>(config.num_layers) || kv.capacity % in.hidden.size(1) != 0)
+    throw DitError("KV cache of " + std::to_string(kv.capacity) + " tokens does not hold whole blocks of " +
+                   std::to_string(in.hidden.size(1)));
+  if (cond.layers.size() != static_cast<size_t>(config.num_layers))
+    throw DitError("the conditioning sink is empty: prefill (set_condition) before denoising");
+  auto x = in.hidden;
+  for (int64_t i = first; i < last; ++i) {
+    auto block = blocks[i]->as<BlockImpl>();
+    auto& slot = kv.layers[static_cast<size_t>(i)];
+    const auto& sink = cond.layers[static_cast<size_t>(i)];
+    if (!slot.k.defined() || !sink.k.defined())
+      throw DitError("layer " + std::to_string(i) + " has no " + (slot.k.defined() ? "sink (prefill it)" : "KV ring"));
+    const auto mod = block->modulation_for(in.e0, /*conditioning=*/false);
+    x = block->forward(x, mod, text_of(text, i), [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+      return ring_attention(q, k, v, in.rope, in.cond_rope, slot, sink, in.window);
+    });
+    const int64_t inj = injector_index_[static_cast<size_t>(i)];
+    if (inj >= 0) x = x + audio_injector->forward(inj, x, in.audio_local, in.audio_global);
+  }
+  in.hidden = x;
+}
+
+at::Tensor CausalWanModelS2VImpl::apply_head(const BlockInputs& in_) {
+  if (!build_.head)
+    throw DitError("head: this shard (layers " + std::to_string(build_.first_layer) + ".." +
+                   std::to_string(build_.last_layer) + ") does not hold the output head: call it on the last shard");
+  BlockInputs in = in_;
+  move_inputs(in, options().device());
+  // Head on the noisy tokens, then unpatchify [L, c * p] -> [c, F * p0, h * p1, w * p2].
+  auto out = head(in.hidden, in.e);  // [1, L, c * prod(patch)]
+  const auto& p = config.patch_size;
+  const int64_t c = config.out_dim;
+  out = out[0].view({in.frames, in.hp, in.wp, p[0], p[1], p[2], c}).permute({6, 0, 3, 1, 4, 2, 5});
+  return out.reshape({c, in.frames * p[0], in.hp * p[1], in.wp * p[2]});
 }
 
 at::Tensor CausalWanModelS2VImpl::forward_block(const at::Tensor& x_in, double t, const at::Tensor& context_emb,
                                                 const at::Tensor& cond_states, const at::Tensor& audio, KVCache& kv,
                                                 const CondCache& cond, int64_t current_start, int64_t rope_offset) {
-  const auto& w = patch_embedding->weight;
-  const auto dtype = w.scalar_type();
-  if (x_in.dim() != 4 || x_in.size(0) != config.in_dim)
-    throw DitError("latents must be [" + std::to_string(config.in_dim) + ", F, H, W], got " + c10::str(x_in.sizes()));
   if (cond.layers.size() != static_cast<size_t>(config.num_layers))
     throw DitError("the conditioning sink is empty: prefill (set_condition) before denoising");
-  const auto x5 = x_in.to(w.device(), dtype).unsqueeze(0);  // [1, C, F, H, W]
-  const int64_t frames = x5.size(2);
-  auto emb = patch_embedding(x5);                           // [1, dim, F, h, w]
-  at::Tensor cs = cond_states.defined() ? cond_states.to(w.device(), dtype).unsqueeze(0)
-                                        : at::zeros({1, config.cond_dim, frames, x5.size(3), x5.size(4)}, w.options());
-  emb = emb + cond_encoder(cs);
-  const int64_t hp = emb.size(3), wp = emb.size(4);
-  const int64_t frame_tokens = hp * wp;
-  auto x = emb.flatten(2).transpose(1, 2);  // [1, L, dim]
-  const int64_t seq = x.size(1);
-  x = x + trainable_cond_mask->weight[0].to(dtype);
-
-  // Audio tokens of this block (all 25 wav2vec2 layers in, motion-frame padding dropped).
-  auto [audio_global, audio_local] = encode_audio(audio);
-  if (audio_local.size(1) != frames)
-    throw DitError("audio gives " + std::to_string(audio_local.size(1)) + " latent frames for a block of " +
-                   std::to_string(frames) + ": pass " + std::to_string(4 * frames) + " audio frames per block");
-
-  // RoPE: noisy tokens at their absolute frames; the sink re-roped with the reference shifted by the offset.
-  const int64_t current_frame = current_start / frame_tokens;
-  const std::vector<RopeSegment> noisy{{0, 0, 0, frames, hp, wp, frames, hp, wp, true}};
-  const auto table = rope_table(rope_positions(noisy, current_frame), config.head_dim()).to(w.device());
-  const auto cond_table =
-      rope_table(rope_positions(cond.segments, cond_rollout(current_frame, rope_offset)), config.head_dim())
-          .to(w.device());
-
-  const auto t_vec = at::full({frames}, t, at::kFloat);
-  auto [e, e0] = embed_time(t_vec);
-
-  // Ring slot of this block.
-  if (kv.layers.size() != static_cast<size_t>(config.num_layers) || kv.capacity % seq != 0)
-    throw DitError("KV cache of " + std::to_string(kv.capacity) + " tokens does not hold whole blocks of " +
-                   std::to_string(seq));
-  const RingWindow window = ring_window(current_start, seq, kv.capacity);
-
-  for (int64_t i = 0; i < config.num_layers; ++i) {
-    auto block = blocks[static_cast<size_t>(i)]->as<BlockImpl>();
-    auto& slot = kv.layers[static_cast<size_t>(i)];
-    const auto& sink = cond.layers[static_cast<size_t>(i)];
-    const auto mod = block->modulation_for(e0, /*conditioning=*/false);
-    x = block->forward(x, mod, context_emb, [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-      return ring_attention(q, k, v, table, cond_table, slot, sink, window);
-    });
-    const int64_t inj = injector_index_[static_cast<size_t>(i)];
-    if (inj >= 0) x = x + audio_injector->forward(inj, x, audio_local, audio_global);
-  }
-
-  // Head on the noisy tokens, then unpatchify [L, c * p] -> [c, F * p0, h * p1, w * p2].
-  auto out = head(x, e);  // [1, L, c * prod(patch)]
-  const auto& p = config.patch_size;
-  const int64_t c = config.out_dim;
-  out = out[0].view({frames, hp, wp, p[0], p[1], p[2], c}).permute({6, 0, 3, 1, 4, 2, 5});
-  return out.reshape({c, frames * p[0], hp * p[1], wp * p[2]});
-}
-
-void randomize_parameters(torch::nn::Module& module, uint64_t seed) {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  at::NoGradGuard no_grad;
-  for (auto& item : module.named_parameters(/*recurse=*/true)) {
-    auto& p = item.value();
-    auto values = at::empty(p.sizes(), at::kFloat);
-    values.normal_(0.0, 0.02, gen);
-    if (p.dim() <= 1) values.normal_(0.0, 0.1, gen);
-    p.copy_(values);
-  }
+  auto in = prepare_block(x_in, t, cond_states, audio, cond.segments, current_start, rope_offset, kv.capacity);
+  run_layers(0, config.num_layers, in, text_kv(context_emb, 0, config.num_layers), kv, cond);
+  return apply_head(in);
 }
 
 }  // namespace liveavatar::dit

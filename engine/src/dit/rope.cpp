@@ -9,6 +9,9 @@
 namespace liveavatar::dit {
 namespace {
 
+// true: the rotation in complex128 as upstream (bit-exact, 2 x 8 bytes per element of every roped tensor).
+constexpr bool kRopeFp64 = true;
+
 // numpy.linspace(start, stop, num).astype(int): float64 arithmetic, the last sample pinned to stop, truncation.
 std::vector<int64_t> linspace_int(double start, double stop, int64_t num) {
   std::vector<int64_t> out;
@@ -98,10 +101,32 @@ at::Tensor rope_table(const at::Tensor& positions, int64_t head_dim) {
   return at::cat(cols, 1).unsqueeze(1).to(positions.device());  // [L, 1, c]
 }
 
-at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& table) {
-  const auto b = x.size(0), l = x.size(1), h = x.size(2), d = x.size(3);
-  const auto xc = at::view_as_complex(x.to(at::kDouble).reshape({b, l, h, d / 2, 2}));  // [B, L, H, D/2]
-  return at::view_as_real(xc * table.unsqueeze(0)).flatten(3).to(at::kFloat);          // [B, L, H, D]
+RopeTable rope_real(const at::Tensor& table) {
+  if (!table.is_complex()) throw DitError("rope: expected a complex table [L, 1, D / 2]");
+  const auto parts = at::view_as_real(table.resolve_conj());  // [L, 1, D/2, 2]
+  return {parts.select(-1, 0).to(at::kFloat).contiguous(), parts.select(-1, 1).to(at::kFloat).contiguous()};
 }
+
+at::Tensor rope_apply(const at::Tensor& x, const RopeTable& table) {
+  const auto b = x.size(0), l = x.size(1), h = x.size(2), d = x.size(3);
+  if (table.cos.size(0) != l || table.cos.size(-1) * 2 != d)
+    throw DitError("rope: table for " + std::to_string(table.cos.size(0)) + " tokens x " +
+                   std::to_string(table.cos.size(-1) * 2) + " channels, tensor has " + std::to_string(l) + " x " +
+                   std::to_string(d));
+  if (kRopeFp64) {
+    const auto complex = at::complex(table.cos.to(at::kDouble), table.sin.to(at::kDouble));
+    const auto xc = at::view_as_complex(x.to(at::kDouble).reshape({b, l, h, d / 2, 2}));  // [B, L, H, D/2]
+    return at::view_as_real(xc * complex.unsqueeze(0)).flatten(3).to(at::kFloat);         // [B, L, H, D]
+  }
+  // (re + i im)(cos + i sin) in fp32: the table values are fp16, so cos / sin are exact; the fp32 products and sums
+  // round where upstream's complex128 product does not.
+  const auto xf = x.to(at::kFloat).reshape({b, l, h, d / 2, 2});
+  const auto re = xf.select(-1, 0), im = xf.select(-1, 1);  // [B, L, H, D/2]
+  const auto& c = table.cos;                                  // [L, 1, D/2] broadcast over B and H
+  const auto& s = table.sin;
+  return at::stack({re * c - im * s, re * s + im * c}, -1).flatten(3);  // [B, L, H, D]
+}
+
+at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& table) { return rope_apply(x, rope_real(table)); }
 
 }  // namespace liveavatar::dit

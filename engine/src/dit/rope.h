@@ -7,18 +7,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace liveavatar::dit {
+#include "liveavatar/dit.h"  // RopeSegment, RopeTable
 
-/// One grid group of upstream's rope_precompute: start (f0, h0, w0), end (f1, h1, w1) and the range (tf, th, tw)
-/// that the (f1 - f0) x (h1 - h0) x (w1 - w0) tokens are spread over (np.linspace, truncated). A negative start frame
-/// means negative temporal positions (motion frames, upstream: conjugated table rows).
-struct RopeSegment {
-  int64_t f0 = 0, h0 = 0, w0 = 0;
-  int64_t f1 = 0, h1 = 0, w1 = 0;
-  int64_t tf = 0, th = 0, tw = 0;
-  /// upstream rollout_grid_sizes shifts only the first two groups (noisy, reference), never the motion ones.
-  bool rolls = false;
-};
+namespace liveavatar::dit {
 
 /// Tokens covered by a segment.
 int64_t segment_tokens(const RopeSegment& s);
@@ -31,7 +22,13 @@ at::Tensor rope_positions(const std::vector<RopeSegment>& segments, int64_t roll
 /// complex32 table. Channel split: D/2 - 2 * (D/2 / 3) temporal, D/2 / 3 height, D/2 / 3 width, theta 10000.
 at::Tensor rope_table(const at::Tensor& positions, int64_t head_dim);
 
-/// x [B, L, H, D] rotated by table [L, 1, D / 2] in fp64 -> fp32 (upstream: complex128 product, .float()).
+/// The complex table as cos / sin fp32 (exact: the values are fp16).
+RopeTable rope_real(const at::Tensor& table);
+
+/// x [B, L, H, D] (pairs (2i, 2i + 1) = re, im) rotated by the table in fp32 -> fp32. Upstream multiplies in
+/// complex128 and rounds to fp32; the fp32 products here round each term (a few ulp apart at most).
+at::Tensor rope_apply(const at::Tensor& x, const RopeTable& table);
+/// The same with a complex128 table [L, 1, D / 2] (as rope_table returns).
 at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& table);
 
 }  // namespace liveavatar::dit

@@ -1,7 +1,9 @@
 // Model (weights on one device) and Session (the `single` streaming plan: 4 KV rings, one sink, seeded noise),
 // plus the flow-matching Euler schedule. SPDX-License-Identifier: LGPL-2.1-or-later
 #include <ATen/CPUGeneratorImpl.h>
-#include <c10/core/DefaultDtype.h>
+#include <sys/stat.h>
+
+#include <optional>
 
 #include "liveavatar/weights.h"
 #include "model.h"
@@ -50,14 +52,44 @@ at::Tensor euler_step(const at::Tensor& x, const at::Tensor& velocity, const Sch
 // ---------------------------------------------------------------------------------------------------------------
 // Model
 // ---------------------------------------------------------------------------------------------------------------
-namespace {
-// Modules upstream runs under autocast(float32): they stay fp32 whatever the model dtype.
-void keep_fp32(CausalWanModelS2VImpl& m) {
-  m.time_embedding->to(at::kFloat);
-  m.time_projection->to(at::kFloat);
-  m.head->to(at::kFloat);
-  m.casual_audio_encoder->to(at::kFloat);
+Precision parse_precision(const std::string& name) {
+  if (name == "fp32") return Precision::kFp32;
+  if (name == "bf16") return Precision::kBf16;
+  if (name == "fp8") return Precision::kFp8;
+  throw DitError("precision must be fp32, bf16 or fp8, got \"" + name + "\"");
 }
+
+c10::ScalarType precision_dtype(Precision precision) {
+  return precision == Precision::kFp32 ? at::kFloat : at::kBFloat16;
+}
+
+namespace {
+
+bool is_regular_file(const std::string& p) {
+  struct stat st {};
+  return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+bool is_directory(const std::string& p) {
+  struct stat st {};
+  return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// A file mapping per shard file: opening reads only the headers; tensors are read when touched.
+weights::Checkpoint open_dit(const std::string& path) {
+  if (is_directory(path)) {
+    const std::string index = path + "/diffusion_pytorch_model.safetensors.index.json";
+    if (is_regular_file(index)) return weights::load_sharded_safetensors(index);
+    for (const char* name : {"/diffusion_pytorch_model.safetensors", "/weights.safetensors"})
+      if (is_regular_file(path + name)) return weights::load_safetensors(path + name);
+    throw DitError(path + ": no diffusion_pytorch_model.safetensors(.index.json) or weights.safetensors in it");
+  }
+  if (ends_with(path, ".index.json")) return weights::load_sharded_safetensors(path);
+  return weights::load_safetensors(path);
+}
+
 }  // namespace
 
 Model::Model(const ModelConfig& config, c10::Device device, c10::ScalarType dtype, uint64_t seed)
@@ -65,20 +97,57 @@ Model::Model(const ModelConfig& config, c10::Device device, c10::ScalarType dtyp
   config_.validate();
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf)
     throw DitError("model dtype must be float32, bfloat16 or float16");
-  // Build in the target dtype so that a 14B tree takes 2 bytes per parameter on the host, not 4.
-  const auto previous = c10::get_default_dtype();
-  c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
-  try {
-    module_ = std::make_shared<CausalWanModelS2V>(config_);
-  } catch (...) {
-    c10::set_default_dtype(previous);
-    throw;
-  }
-  c10::set_default_dtype(previous);
+  precision_ = dtype == at::kFloat ? Precision::kFp32 : Precision::kBf16;
+  BuildOptions build;
+  build.params.tensor = at::TensorOptions().dtype(dtype).device(device);
+  first_layer_ = 0;
+  last_layer_ = config_.num_layers;
+  module_ = std::make_shared<CausalWanModelS2V>(config_, build);
   (*module_)->eval();
   randomize_parameters(**module_, seed);
-  (*module_)->to(device, dtype);
-  keep_fp32(**module_);
+}
+
+Model::Model(const ModelConfig& config, const std::string& dit_path, const LoadOptions& options)
+    : config_(config), device_(options.device), dtype_(precision_dtype(options.precision)) {
+  const auto checkpoint = open_dit(dit_path);
+  build(&checkpoint, options);
+}
+
+Model::Model(const ModelConfig& config, const weights::Checkpoint& checkpoint, const LoadOptions& options)
+    : config_(config), device_(options.device), dtype_(precision_dtype(options.precision)) {
+  build(&checkpoint, options);
+}
+
+void Model::build(const weights::Checkpoint* checkpoint, const LoadOptions& options) {
+  config_.validate();
+  precision_ = options.precision;
+  first_layer_ = options.first_layer;
+  last_layer_ = options.last_layer < 0 ? config_.num_layers : options.last_layer;
+  if (first_layer_ < 0 || first_layer_ >= last_layer_ || last_layer_ > config_.num_layers)
+    throw DitError("layer range [" + std::to_string(first_layer_) + ", " + std::to_string(last_layer_) +
+                   ") must be a non-empty part of [0, " + std::to_string(config_.num_layers) + ")");
+  embeddings_ = options.embeddings.value_or(first_layer_ == 0);
+  head_ = options.head.value_or(last_layer_ == config_.num_layers);
+  BuildOptions build;
+  build.params.tensor = at::TensorOptions().dtype(dtype_).device(device_);
+  build.params.fp8 = precision_ == Precision::kFp8;
+  build.params.fp8_per_channel = options.fp8_scaling == weights::Fp8Scaling::kPerChannel;
+  build.first_layer = first_layer_;
+  build.last_layer = last_layer_;
+  build.embeddings = embeddings_;
+  build.head = head_;
+  module_ = std::make_shared<CausalWanModelS2V>(config_, build);
+  (*module_)->eval();
+  StreamLoadOptions lo;
+  std::optional<weights::Checkpoint> lora;
+  if (!options.lora.empty()) {
+    lora = weights::load_safetensors(options.lora);
+    lo.lora = &*lora;
+  }
+  lo.lora_options = options.lora_options;
+  lo.fp8_scaling = options.fp8_scaling;
+  lo.release_pages = options.release_pages;
+  load_streaming(**module_, *checkpoint, lo);
 }
 
 Model::~Model() = default;
@@ -91,11 +160,77 @@ uint64_t Model::parameter_count() const {
   return n;
 }
 
+uint64_t Model::parameter_bytes() const {
+  uint64_t n = 0;
+  for (const auto& p : (*module_)->parameters()) n += static_cast<uint64_t>(p.nbytes());
+  return n;
+}
+
 void Model::load(const weights::Checkpoint& checkpoint) {
-  weights::ModuleLoadOptions options;
-  options.assign = false;  // copy into the existing tensors (device, dtype kept; fp32 modules stay fp32)
-  options.cast_dtype = true;
-  weights::load_into_module(**module_, checkpoint, options);
+  StreamLoadOptions lo;
+  lo.fp8_scaling = module()->build_options().params.fp8_per_channel ? weights::Fp8Scaling::kPerChannel
+                                                                    : weights::Fp8Scaling::kPerTensor;
+  load_streaming(**module_, checkpoint, lo);
+}
+
+void Model::require(bool what, const char* part) const {
+  if (!what)
+    throw DitError(std::string("this model (layers ") + std::to_string(first_layer_) + ".." +
+                   std::to_string(last_layer_) + ") does not hold the " + part);
+}
+
+at::Tensor Model::embed_text(const at::Tensor& text) const {
+  at::NoGradGuard no_grad;
+  require(embeddings_, "embeddings (embed_text runs on the first shard)");
+  return module()->embed_text(text.to(device_, dtype_));
+}
+
+StreamState Model::new_state(int64_t frame_tokens) const {
+  if (frame_tokens <= 0) throw DitError("new_state: frame_tokens must be positive");
+  StreamState s;
+  for (int64_t i = 0; i < config_.sampling_steps; ++i) s.rings.push_back(module()->make_kv_cache(frame_tokens));
+  return s;
+}
+
+void Model::set_text(const at::Tensor& context_emb, StreamState& state) const {
+  at::NoGradGuard no_grad;
+  state.text = module()->text_kv(context_emb, first_layer_, last_layer_);
+}
+
+SinkInputs Model::prepare_sink(const at::Tensor& ref, const at::Tensor& motion) const {
+  at::NoGradGuard no_grad;
+  require(embeddings_, "embeddings (prepare_sink runs on the first shard)");
+  return module()->prepare_sink(ref, motion);
+}
+
+void Model::prefill(SinkInputs& in, StreamState& state, int64_t first, int64_t last) const {
+  at::NoGradGuard no_grad;
+  module()->prefill_layers(first < 0 ? first_layer_ : first, last < 0 ? last_layer_ : last, in, state.text,
+                           state.sink);
+}
+
+BlockInputs Model::prepare(const at::Tensor& x, double t, const at::Tensor& audio,
+                           const std::vector<RopeSegment>& cond_segments, int64_t current_start, int64_t rope_offset,
+                           int64_t ring_capacity, const at::Tensor& cond_states) const {
+  at::NoGradGuard no_grad;
+  require(embeddings_, "embeddings (prepare runs on the first shard)");
+  return module()->prepare_block(x, t, cond_states, audio.dim() == 3 ? audio.unsqueeze(0) : audio, cond_segments,
+                                 current_start, rope_offset, ring_capacity);
+}
+
+void Model::run_layers(BlockInputs& in, StreamState& state, int64_t step, int64_t first, int64_t last) const {
+  at::NoGradGuard no_grad;
+  if (step < 0 || step >= static_cast<int64_t>(state.rings.size()))
+    throw DitError("run_layers: step " + std::to_string(step) + " outside the state's " +
+                   std::to_string(state.rings.size()) + " KV rings (new_state makes one per sampling step)");
+  module()->run_layers(first < 0 ? first_layer_ : first, last < 0 ? last_layer_ : last, in, state.text,
+                       state.rings[static_cast<size_t>(step)], state.sink);
+}
+
+at::Tensor Model::head(const BlockInputs& in) const {
+  at::NoGradGuard no_grad;
+  require(head_, "output head (head runs on the last shard)");
+  return module()->apply_head(in);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -106,41 +241,85 @@ struct Session::State {
   at::Tensor ref;
   at::Tensor motion;
   at::Tensor refresh_motion;
-  CondCache cond;
-  std::vector<KVCache> caches;  // one per denoising step
+  std::vector<StreamState> shards;  // one per shard, rings one per denoising step
+  std::vector<RopeSegment> segments;
+  int64_t capacity = 0;             // ring tokens
   Schedule schedule;
   at::Tensor clip_noise;
   int64_t frame_tokens = 0;
   int64_t block = 0;  // blocks generated (absolute)
   int64_t calls = 0;  // DiT calls made (for the RoPE offsets)
+  bool caches_valid = false;  // set_condition completed
 };
 
-Session::Session(const Model& model, SessionOptions options)
-    : model_(model), options_(std::move(options)), state_(std::make_unique<State>()) {
-  state_->schedule = make_schedule(model_.config());
+Session::Session(const Model& model, SessionOptions options) : Session(std::vector<const Model*>{&model}, std::move(options)) {}
+
+Session::Session(std::vector<const Model*> shards, SessionOptions options)
+    : shards_(std::move(shards)), options_(std::move(options)), state_(std::make_unique<State>()) {
+  if (shards_.empty()) throw DitError("a session needs at least one model");
+  const auto& cfg = shards_.front()->config();
+  int64_t next = 0;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    const Model* m = shards_[i];
+    if (m == nullptr) throw DitError("session: shard " + std::to_string(i) + " is null");
+    if (m->config().num_layers != cfg.num_layers || m->config().dim != cfg.dim)
+      throw DitError("session: shard " + std::to_string(i) + " has another model configuration");
+    if (m->first_layer() != next)
+      throw DitError("session: shard " + std::to_string(i) + " starts at layer " + std::to_string(m->first_layer()) +
+                     ", expected " + std::to_string(next) + " (shards in layer order, each layer once)");
+    next = m->last_layer();
+  }
+  if (next != cfg.num_layers)
+    throw DitError("session: the shards end at layer " + std::to_string(next) + " of " +
+                   std::to_string(cfg.num_layers));
+  if (!shards_.front()->has_embeddings()) throw DitError("session: the first shard must hold the embeddings");
+  if (!shards_.back()->has_head()) throw DitError("session: the last shard must hold the head");
+  state_->schedule = make_schedule(cfg);
 }
 
 Session::~Session() = default;
 
 int64_t Session::blocks_done() const { return state_->block; }
 
+void Session::check_cancelled() const {
+  if (options_.cancelled && options_.cancelled()) throw Cancelled();
+}
+
 void Session::set_condition(const at::Tensor& ref_latent, const at::Tensor& motion_latents,
                             const at::Tensor& text_context) {
   at::NoGradGuard no_grad;
-  auto& m = *model_.module();
-  const auto& cfg = model_.config();
+  const Model& first = *shards_.front();
+  const auto& cfg = first.config();
   if (ref_latent.dim() != 4 || ref_latent.size(2) % 8 != 0 || ref_latent.size(3) % 8 != 0)
     throw DitError("reference latent [C, 1, H, W] needs H and W multiples of 8 (FramePack 4x bucket), got " +
                    c10::str(ref_latent.sizes()));
-  state_->context_emb = m.embed_text(text_context.to(model_.device(), model_.dtype()));
-  state_->ref = ref_latent;
-  state_->motion = motion_latents;
-  m.prefill(ref_latent, motion_latents, state_->context_emb, state_->cond);
-  state_->frame_tokens = (ref_latent.size(2) / cfg.patch_size[1]) * (ref_latent.size(3) / cfg.patch_size[2]);
-  state_->caches.clear();
-  for (int64_t i = 0; i < cfg.sampling_steps; ++i) state_->caches.push_back(m.make_kv_cache(state_->frame_tokens));
-  state_->block = 0;
-  state_->calls = 0;
+  auto& st = *state_;
+  st.caches_valid = false;
+  const int64_t frame_tokens = (ref_latent.size(2) / cfg.patch_size[1]) * (ref_latent.size(3) / cfg.patch_size[2]);
+  st.context_emb = first.embed_text(text_context);
+  st.shards.clear();
+  for (const Model* m : shards_) {
+    st.shards.push_back(m->new_state(frame_tokens));
+    m->set_text(st.context_emb, st.shards.back());
+  }
+  st.ref = ref_latent;
+  st.motion = motion_latents;
+  st.frame_tokens = frame_tokens;
+  st.capacity = st.shards.front().rings.front().capacity;
+  prefill_sink(st.ref, st.motion);
+  st.block = 0;
+  st.calls = 0;
+  st.caches_valid = true;
+}
+
+void Session::prefill_sink(const at::Tensor& ref, const at::Tensor& motion) {
+  auto& st = *state_;
+  auto in = shards_.front()->prepare_sink(ref, motion);
+  for (size_t k = 0; k < shards_.size(); ++k) {
+    if (k > 0) check_cancelled();
+    shards_[k]->prefill(in, st.shards[k]);
+  }
+  st.segments = in.segments;
 }
 
 void Session::set_refresh_motion(const at::Tensor& motion_latents) { state_->refresh_motion = motion_latents; }
@@ -157,44 +336,59 @@ uint64_t splitmix64(uint64_t x) {
 BlockResult Session::generate_block(const at::Tensor& audio, const std::optional<at::Tensor>& noise) {
   at::NoGradGuard no_grad;
   auto& st = *state_;
-  if (st.caches.empty()) throw DitError("generate_block before set_condition: the sink must be prefilled first");
-  auto& m = *model_.module();
-  const auto& cfg = model_.config();
+  if (!st.caches_valid) throw DitError("generate_block before set_condition: the sink must be prefilled first");
+  const Model& first = *shards_.front();
+  const Model& last = *shards_.back();
+  const auto& cfg = first.config();
   const int64_t per_clip = cfg.clip_frames / cfg.frames_per_block;
   const int64_t clip = st.block / per_clip, in_clip = st.block % per_clip;
+  check_cancelled();
 
   if (in_clip == 0) {
     if (clip == 1 && options_.roll_sink) {
       // Rolling sink: the first generated latent frame becomes the reference; re-prefill (same shapes).
-      m.prefill(st.ref, st.refresh_motion.defined() ? st.refresh_motion : st.motion, st.context_emb, st.cond);
+      prefill_sink(st.ref, st.refresh_motion.defined() ? st.refresh_motion : st.motion);
     }
     auto gen = at::make_generator<at::CPUGeneratorImpl>(options_.seed + static_cast<uint64_t>(clip));
     st.clip_noise = at::randn({cfg.in_dim, cfg.clip_frames, st.ref.size(2), st.ref.size(3)}, gen,
-                              at::TensorOptions().dtype(model_.dtype()));
+                              at::TensorOptions().dtype(first.dtype()));
   }
-  auto latents = noise ? noise->to(model_.dtype())
+  auto latents = noise ? noise->to(first.dtype())
                        : st.clip_noise.slice(1, in_clip * cfg.frames_per_block, (in_clip + 1) * cfg.frames_per_block);
-  latents = latents.to(model_.device());
+  latents = latents.to(first.device());
   const auto a = audio.dim() == 3 ? audio.unsqueeze(0) : audio;
   const int64_t current_start = st.block * cfg.frames_per_block * st.frame_tokens;
 
   BlockResult result;
-  for (int64_t i = 0; i < cfg.sampling_steps; ++i) {
-    int64_t offset;
-    if (st.calls < static_cast<int64_t>(options_.rope_offsets.size())) {
-      offset = options_.rope_offsets[static_cast<size_t>(st.calls)];
-    } else {
-      const auto span = static_cast<uint64_t>(cfg.rope_offset_max - cfg.rope_offset_min + 1);
-      offset = cfg.rope_offset_min +
-               static_cast<int64_t>(splitmix64(options_.rope_seed * 0x100000001B3ull + static_cast<uint64_t>(st.calls)) % span);
+  const int64_t calls_before = st.calls;
+  try {
+    for (int64_t i = 0; i < cfg.sampling_steps; ++i) {
+      if (i > 0) check_cancelled();
+      int64_t offset;
+      if (st.calls < static_cast<int64_t>(options_.rope_offsets.size())) {
+        offset = options_.rope_offsets[static_cast<size_t>(st.calls)];
+      } else {
+        const auto span = static_cast<uint64_t>(cfg.rope_offset_max - cfg.rope_offset_min + 1);
+        offset = cfg.rope_offset_min +
+                 static_cast<int64_t>(
+                     splitmix64(options_.rope_seed * 0x100000001B3ull + static_cast<uint64_t>(st.calls)) % span);
+      }
+      ++st.calls;
+      result.rope_offsets.push_back(offset);
+      const double t = st.schedule.timesteps[i].item<double>();
+      auto in = first.prepare(latents, t, a, st.segments, current_start, offset, st.capacity);
+      for (size_t k = 0; k < shards_.size(); ++k) {
+        if (k > 0) check_cancelled();
+        shards_[k]->run_layers(in, st.shards[k], i);
+      }
+      const auto velocity = last.head(in).to(first.device());
+      result.velocities.push_back(velocity);
+      latents = euler_step(latents, velocity, st.schedule, i);
     }
-    ++st.calls;
-    result.rope_offsets.push_back(offset);
-    const double t = st.schedule.timesteps[i].item<double>();
-    const auto velocity = m.forward_block(latents, t, st.context_emb, at::Tensor(), a, st.caches[static_cast<size_t>(i)],
-                                          st.cond, current_start, offset);
-    result.velocities.push_back(velocity);
-    latents = euler_step(latents, velocity, st.schedule, i);
+  } catch (const Cancelled&) {
+    // The block is dropped: the next call redoes it at the same position (ring rows are overwritten).
+    st.calls = calls_before;
+    throw;
   }
   if (clip == 0 && in_clip == 0) st.ref = latents.slice(1, 0, 1).clone();  // the next sink's reference
   ++st.block;

@@ -90,6 +90,24 @@ at::Tensor tensor_from_mapping(const std::shared_ptr<MappedFile>& file, uint64_t
   return t;
 }
 
+}  // namespace detail
+
+void release_pages(const at::Tensor& tensor) {
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21
+#endif
+  if (!tensor.defined() || !tensor.device().is_cpu() || tensor.nbytes() == 0) return;
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
+  const uintptr_t first = begin / page * page;
+  const uintptr_t last = (begin + tensor.nbytes() + page - 1) / page * page;
+  // Page-out keeps the contents (anonymous pages go to swap, or stay without one; clean file pages are dropped
+  // and read again on the next touch), so a page shared with a neighbouring tensor is safe to include.
+  (void)::madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);
+}
+
+namespace detail {
+
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::ostringstream s;
   s << '[';

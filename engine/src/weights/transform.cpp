@@ -4,6 +4,7 @@
 
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <set>
 
 #include "liveavatar/weights.h"
@@ -32,13 +33,13 @@ std::string lora_files(const Checkpoint& lora) {
 
 }  // namespace
 
-LoraReport merge_lora(Checkpoint& base, const Checkpoint& lora, const LoraOptions& options) {
+LoraIndex index_lora(const Checkpoint& lora, const Layout& base, const LoraOptions& options) {
   const std::string file = lora_files(lora);
   auto fail = [&](const std::string& message) {
     throw WeightsError(file, message + ". Nothing was merged; check that this LoRA belongs to this base model");
   };
   std::map<std::string, LoraPair> pairs;             // base module -> pair
-  std::map<std::string, at::Tensor> full;            // base key -> replacement
+  LoraIndex index;
   for (const auto& kv : lora.tensors) {
     std::string key = kv.first;
     if (!options.prefix.empty() && key.compare(0, options.prefix.size(), options.prefix) == 0) {
@@ -70,15 +71,18 @@ LoraReport merge_lora(Checkpoint& base, const Checkpoint& lora, const LoraOption
     auto bl = key.find(".base_layer.");
     if (bl != std::string::npos) key.erase(bl, 11);
     if (!options.allow_full_weights) fail("LoRA file has the non-LoRA key \"" + kv.first + "\"");
-    auto it = base.tensors.find(key);
-    if (it == base.tensors.end()) fail("LoRA file key \"" + kv.first + "\" names no weight of the base model");
-    if (it->second.sizes() != kv.second.sizes()) {
+    auto it = base.find(key);
+    if (it == base.end()) fail("LoRA file key \"" + kv.first + "\" names no weight of the base model");
+    if (it->second.shape != kv.second.sizes().vec()) {
       fail("LoRA file key \"" + kv.first + "\" has shape " + shape_string(kv.second.sizes().vec()) +
-           ", the base weight " + shape_string(it->second.sizes().vec()));
+           ", the base weight " + shape_string(it->second.shape));
     }
-    full[key] = kv.second;
+    LoraPatch patch;
+    patch.full = kv.second;
+    patch.file = file;
+    index[key] = patch;
   }
-  // Validate every pair before touching the base.
+  // Validate every pair before anything is merged.
   for (const auto& mp : pairs) {
     const LoraPair& p = mp.second;
     const std::string target = mp.first + ".weight";
@@ -86,16 +90,15 @@ LoraReport merge_lora(Checkpoint& base, const Checkpoint& lora, const LoraOption
       fail("LoRA for \"" + mp.first + "\" has " + (p.a_key.empty() ? p.b_key : p.a_key) + " but no " +
            (p.a_key.empty() ? "lora_A" : "lora_B"));
     }
-    auto it = base.tensors.find(target);
-    if (it == base.tensors.end()) fail("LoRA \"" + p.a_key + "\" has no base weight \"" + target + "\"");
-    const at::Tensor& w = it->second;
-    if (p.a.dim() != 2 || p.b.dim() != 2 || w.dim() != 2) {
+    auto it = base.find(target);
+    if (it == base.end()) fail("LoRA \"" + p.a_key + "\" has no base weight \"" + target + "\"");
+    const TensorSpec& w = it->second;
+    if (p.a.dim() != 2 || p.b.dim() != 2 || w.shape.size() != 2) {
       fail("LoRA for \"" + target + "\" is not a Linear LoRA (A " + shape_string(p.a.sizes().vec()) + ", B " +
-           shape_string(p.b.sizes().vec()) + ", weight " + shape_string(w.sizes().vec()) + ")");
+           shape_string(p.b.sizes().vec()) + ", weight " + shape_string(w.shape) + ")");
     }
-    if (!at::isFloatingType(w.scalar_type()) || w.scalar_type() == at::kFloat8_e4m3fn ||
-        w.scalar_type() == at::kFloat8_e5m2) {
-      fail("base weight \"" + target + "\" is " + std::string(c10::toString(w.scalar_type())) +
+    if (!at::isFloatingType(w.dtype) || w.dtype == at::kFloat8_e4m3fn || w.dtype == at::kFloat8_e5m2) {
+      fail("base weight \"" + target + "\" is " + std::string(c10::toString(w.dtype)) +
            ": merge the LoRA before FP8 conversion");
     }
     int64_t r = p.a.size(0);
@@ -107,25 +110,60 @@ LoraReport merge_lora(Checkpoint& base, const Checkpoint& lora, const LoraOption
       fail("rank mismatch for \"" + target + "\": the tensors have rank " + std::to_string(r) +
            ", the adapter config says r=" + std::to_string(options.rank));
     }
-    if (p.b.size(0) != w.size(0) || p.a.size(1) != w.size(1)) {
+    if (p.b.size(0) != w.shape[0] || p.a.size(1) != w.shape[1]) {
       fail("LoRA for \"" + target + "\": B @ A is [" + std::to_string(p.b.size(0)) + ", " +
-           std::to_string(p.a.size(1)) + "], the weight " + shape_string(w.sizes().vec()));
+           std::to_string(p.a.size(1)) + "], the weight " + shape_string(w.shape));
     }
+    if (index.count(target)) fail("LoRA file has both a full weight and lora_A / lora_B for \"" + target + "\"");
+    LoraPatch patch;
+    patch.a = p.a;
+    patch.b = p.b;
+    patch.scale = options.alpha / static_cast<double>(r);
+    patch.file = file;
+    index[target] = patch;
   }
+  return index;
+}
+
+at::Tensor apply_lora(const at::Tensor& w, const LoraPatch& patch, int64_t chunk_rows) {
+  c10::NoGradGuard no_grad;
+  if (patch.full.defined()) return patch.full.to(w.device(), w.scalar_type());
+  const auto a = patch.a.to(w.device(), at::kFloat);
+  const auto b = patch.b.to(w.device(), at::kFloat);
+  const int64_t rows = w.size(0);
+  if (chunk_rows <= 0 || chunk_rows >= rows) {
+    at::Tensor delta = at::matmul(b, a);
+    return (w.to(at::kFloat) + delta * patch.scale).to(w.scalar_type());
+  }
+  // Row blocks: the fp32 temporaries are chunk_rows x in, not the whole weight.
+  at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+    const int64_t r1 = std::min(rows, r0 + chunk_rows);
+    at::Tensor delta = at::matmul(b.slice(0, r0, r1), a);
+    out.slice(0, r0, r1).copy_((w.slice(0, r0, r1).to(at::kFloat) + delta * patch.scale).to(w.scalar_type()));
+  }
+  return out;
+}
+
+LoraReport merge_lora(Checkpoint& base, const Checkpoint& lora, const LoraOptions& options) {
+  Layout layout;
+  for (const auto& kv : base.tensors) layout[kv.first] = TensorSpec{kv.second.sizes().vec(), kv.second.scalar_type()};
+  const LoraIndex index = index_lora(lora, layout, options);
+  const std::string file = lora_files(lora);
   LoraReport report;
   c10::NoGradGuard no_grad;
-  for (const auto& mp : pairs) {
-    const std::string target = mp.first + ".weight";
-    at::Tensor& w = base.tensors[target];
-    double scale = options.alpha / static_cast<double>(mp.second.a.size(0));
-    at::Tensor delta = at::matmul(mp.second.b.to(w.device(), at::kFloat), mp.second.a.to(w.device(), at::kFloat));
-    w = (w.to(at::kFloat) + delta * scale).to(w.scalar_type());
-    base.source[target] += " + " + file;
-    report.merged.push_back(target);
-  }
-  for (auto& kv : full) {
+  // Pairs first, then full replacements (each list in key order), as the reports list them.
+  for (const auto& kv : index) {
+    if (kv.second.full.defined()) continue;
     at::Tensor& w = base.tensors[kv.first];
-    w = kv.second.to(w.device(), w.scalar_type());
+    w = apply_lora(w, kv.second);
+    base.source[kv.first] += " + " + file;
+    report.merged.push_back(kv.first);
+  }
+  for (const auto& kv : index) {
+    if (!kv.second.full.defined()) continue;
+    at::Tensor& w = base.tensors[kv.first];
+    w = apply_lora(w, kv.second);
     base.source[kv.first] = file;
     report.replaced.push_back(kv.first);
   }

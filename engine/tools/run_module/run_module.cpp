@@ -109,9 +109,13 @@ TensorMap run(const RunRequest& request, const TensorMap& inputs) {
     const auto s = make_schedule(config);
     return {{"timesteps", s.timesteps}, {"sigmas", s.sigmas}};
   }
-  Model model(config, c10::kCPU, c10::kFloat, request.seed);
-  if (!request.weights.empty()) model.load(load_weights(request.weights));
-  auto& m = *model.module();
+  // Real weights: built directly from the checkpoint (no random values drawn first); otherwise seeded random.
+  LoadOptions lo;
+  lo.precision = Precision::kFp32;
+  const auto model = request.weights.empty()
+                         ? std::make_unique<Model>(config, c10::kCPU, c10::kFloat, request.seed)
+                         : std::make_unique<Model>(config, load_weights(request.weights), lo);
+  auto& m = *model->module();
 
   if (mod == "text_embedding") {
     out["context_emb"] = m.embed_text(squeeze_batch(need(inputs, "context", mod), 2));
@@ -162,7 +166,7 @@ TensorMap run(const RunRequest& request, const TensorMap& inputs) {
       const auto o = offsets.reshape({-1}).to(at::kLong).contiguous();
       so.rope_offsets.assign(o.data_ptr<int64_t>(), o.data_ptr<int64_t>() + o.numel());
     }
-    Session session(model, so);
+    Session session(*model, so);
     session.set_condition(squeeze_batch(need(inputs, "ref_latents", mod), 4),
                           squeeze_batch(need(inputs, "motion_latents", mod), 4),
                           squeeze_batch(need(inputs, "context", mod), 2));
