@@ -6,7 +6,7 @@
  * talking, at 25 frames per second.
  *
  * - `image`: any raw video; a still picture (one buffer then EOS, or imagefreeze) is kept as the reference, a later
- *   buffer with different content replaces it.
+ *   buffer with different content replaces it from the frame at its running time on.
  * - `audio`: F32LE mono 16 kHz (put audioconvert ! audioresample in front).
  * - `src`: RGB or I420 at `width`x`height` (default: from the portrait, multiples of 16), 25/1.
  *
@@ -15,6 +15,9 @@
  * frames follow the clock: the element adds one frame (40 ms) of latency, and when audio is late or missing it keeps
  * the avatar idling (mouth closed, blinking, breathing) instead of stalling; audio that arrives after its frame was
  * shown is dropped. Add latency for slow sources with the aggregator's `latency` property.
+ *
+ * Seeks (flushing, in PAUSED, segment seeks) go to the audio branch; an image branch that cannot seek keeps its
+ * picture. The duration is the audio's.
  *
  * ## Example launch line
  * |[
@@ -819,9 +822,9 @@ static void flush_image_pad_for_seek(GstLiveAvatar* self, guint32 seqnum) {
   gst_pad_send_event(pad, gst_event_new_eos());
 }
 
-// Seeks go to the audio branch, which defines the timeline. A flushing seek first reaches the image branch, which
-// either flushes itself (imagefreeze: the picture restarts at the new position) or is flushed here (a still-picture
-// decoder), so that GstAggregator sees both pads flush and restarts the output. A seek the audio cannot do fails
+// Seeks go to the audio branch, which defines the timeline. A seek first reaches the image branch, which for a flushing
+// seek either flushes itself (imagefreeze: the picture restarts at the new position) or is flushed here (a
+// still-picture decoder), so that GstAggregator sees both pads flush and restarts the output. A seek the audio cannot do fails
 // without flushing anything, and playback goes on.
 static gboolean handle_seek(GstLiveAvatar* self, GstEvent* event) {
   GstLiveAvatarPrivate* priv = self->priv;
@@ -853,10 +856,10 @@ static gboolean handle_seek(GstLiveAvatar* self, GstEvent* event) {
     gst_event_unref(event);
     return FALSE;
   }
-  if (flags & GST_SEEK_FLAG_FLUSH) {
-    gst_pad_push_event(GST_PAD(self->image_pad), gst_event_ref(event));
-    if (priv->image_flush_seqnum.load() != seqnum) flush_image_pad_for_seek(self, seqnum);
-  }
+  // The image branch first: a flushing seek needs its flush (done here when it refuses); a non-flushing one (looping a
+  // segment) restarts imagefreeze, which stopped at the segment's end. A still-picture decoder refuses: no matter.
+  gst_pad_push_event(GST_PAD(self->image_pad), gst_event_ref(event));
+  if ((flags & GST_SEEK_FLAG_FLUSH) && priv->image_flush_seqnum.load() != seqnum) flush_image_pad_for_seek(self, seqnum);
   const gboolean ok = gst_pad_push_event(GST_PAD(self->audio_pad), event);
   GST_INFO_OBJECT(self, "seek %u %s", seqnum, ok ? "done" : "refused by the audio branch");
   return ok;

@@ -8,6 +8,12 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 image=$1 audio=$2 out=$3; shift 3
 for f in "$image" "$audio"; do [ -r "$f" ] || { echo "$0: cannot read $f" >&2; exit 2; }; done
 [ -d "$here/build/gst-plugin" ] && export GST_PLUGIN_PATH="$here/build/gst-plugin${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}"
+# Speech without a single sample would give no frames, and mp4mux a file without playable streams: refuse it first
+# (decoded to 8-bit 8 kHz, only to see whether any sample comes out).
+probe=$(mktemp); trap 'rm -f "$probe"' EXIT
+gst-launch-1.0 -q filesrc location="$audio" ! decodebin ! audioconvert ! audioresample ! \
+  audio/x-raw,format=U8,rate=8000,channels=1 ! filesink location="$probe"
+[ -s "$probe" ] || { echo "$0: $audio holds no audio samples, so there is no video to make" >&2; exit 1; }
 echo "[demo] $image + $audio -> $out"
 # decodebin handles PNG/JPEG stills and any audio file; the speech is teed to the avatar and to the AAC encoder.
 gst-launch-1.0 -q \

@@ -148,7 +148,8 @@ TEST_P(Seek, WhilePlayingRestartsAtTheNewPosition) {
   expect_contiguous_from(after.pts, 25 * GST_SECOND);
 }
 
-// A segment seek [2 s, 3.01 s]: 26 frames (the last one covers the 10 ms tail), then SEGMENT_DONE.
+// A segment seek [2 s, 3.01 s]: 26 frames (the last one covers the 10 ms tail), then SEGMENT_DONE; then the same
+// segment again without flushing, as a player loops it.
 TEST_P(Seek, SegmentSeekEndsWithTheSegmentsAudio) {
   Pipeline p(image_branch(GetParam()) + wav_branch());
   ASSERT_NE(gst_element_set_state(p.pipe, GST_STATE_PAUSED), GST_STATE_CHANGE_FAILURE);
@@ -164,6 +165,15 @@ TEST_P(Seek, SegmentSeekEndsWithTheSegmentsAudio) {
   ASSERT_TRUE(got.segment_done);
   ASSERT_EQ(got.pts.size(), frames_for(2 * 16000, 3010 * 16));
   expect_contiguous_from(got.pts, 2 * GST_SECOND);
+  // Looping: a non-flushing segment seek plays the same 26 frames again.
+  ASSERT_TRUE(gst_element_seek(p.pipe, 1.0, GST_FORMAT_TIME,
+                               static_cast<GstSeekFlags>(GST_SEEK_FLAG_SEGMENT | GST_SEEK_FLAG_ACCURATE),
+                               GST_SEEK_TYPE_SET, 2 * GST_SECOND, GST_SEEK_TYPE_SET, 3010 * GST_MSECOND));
+  const auto again = p.pull();
+  ASSERT_EQ(again.error, "");
+  ASSERT_TRUE(again.segment_done);
+  ASSERT_EQ(again.pts.size(), frames_for(2 * 16000, 3010 * 16));
+  expect_contiguous_from(again.pts, 2 * GST_SECOND);
 }
 
 // The duration is the audio's, whatever the image branch says (imagefreeze: endless).
