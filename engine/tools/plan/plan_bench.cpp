@@ -4,11 +4,14 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/GradMode.h>
+#include <dlfcn.h>
 
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <string>
 
 #include "counting_allocator.h"
@@ -24,9 +27,12 @@ using namespace liveavatar;
 void usage() {
   std::printf(
       "usage: liveavatar-plan-bench [--dim N] [--ffn-dim N] [--heads N] [--layers N] [--size HxW] [--dtype fp32|bf16]\n"
+      "                             [--device cpu|cuda]\n"
       "                             [--threads N] [--json FILE] [--component dit|vae|wav2vec2]\n"
       "  Builds dit::Model with random weights and a Session (set_condition + one generate_block) while a counting\n"
       "  CPU allocator measures live and peak bytes; prints the planner's prediction beside the measurement as JSON.\n"
+      "  --device cuda: the same on GPU 0, measured with the CUDA caching allocator's statistics (allocated bytes,\n"
+      "  plus the reserved peak).\n"
       "  Defaults: --dim 512 --ffn-dim 1536 --heads 4 --layers 10 --size 704x384 (1,056 tokens per latent frame)\n"
       "  --dtype fp32; the other fields are the 14B model's.\n"
       "  --component vae: the real-shape VAE (random weights): weights, stream cache and decode_block peak per output\n"
@@ -37,19 +43,67 @@ void usage() {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
+// Live and peak bytes of the allocator that holds the run's tensors: the counting CPU allocator, or on a GPU the
+// CUDA caching allocator's own statistics (allocated bytes; reserved bytes show its fragmentation and caching).
+class Meter {
+ public:
+  virtual ~Meter() = default;
+  virtual uint64_t live() = 0;
+  virtual uint64_t peak() = 0;
+  virtual void reset_peak() = 0;
+  virtual uint64_t reserved_peak() { return 0; }
+};
+
+class CpuMeter final : public Meter {
+ public:
+  uint64_t live() override { return counter_.live(); }
+  uint64_t peak() override { return counter_.peak(); }
+  void reset_peak() override { counter_.reset_peak(); }
+
+ private:
+  runtime::CountingCpuAllocator counter_;
+};
+
+// This build links the CPU LibTorch; loading libtorch_cuda.so registers the CUDA backend and its caching allocator.
+class CudaMeter final : public Meter {
+ public:
+  CudaMeter() {
+    if (!dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_GLOBAL))
+      throw Error("--device cuda: libtorch_cuda.so could not be loaded (" + std::string(dlerror()) + ")");
+    at::empty({1}, at::TensorOptions().device(c10::kCUDA));  // initialises CUDA (throws without a usable GPU)
+    allocator_ = c10::getDeviceAllocator(c10::kCUDA);
+  }
+  uint64_t live() override { return stat().current; }
+  uint64_t peak() override { return stat().peak; }
+  void reset_peak() override { allocator_->resetPeakStats(0); }
+  uint64_t reserved_peak() override {
+    return static_cast<uint64_t>(allocator_->getDeviceStats(0).reserved_bytes[0].peak);
+  }
+
+ private:
+  struct Stat {
+    uint64_t current, peak;
+  };
+  Stat stat() {
+    const auto stats = allocator_->getDeviceStats(0);
+    const auto& s = stats.allocated_bytes[0];  // StatType::AGGREGATE
+    return {static_cast<uint64_t>(s.current), static_cast<uint64_t>(s.peak)};
+  }
+  c10::DeviceAllocator* allocator_ = nullptr;
+};
+
 // The VAE decoder's per-pixel bytes: the planner's constants kVaeCacheBytesPerPixelFp32 / kVaeDecodeValuesPerPixel.
-int bench_vae(int64_t height, int64_t width, at::ScalarType dtype) {
+int bench_vae(Meter& counter, c10::Device device, int64_t height, int64_t width, at::ScalarType dtype) {
   c10::NoGradGuard no_grad;
-  runtime::CountingCpuAllocator counter;
   const uint64_t base = counter.live();
   auto t0 = Clock::now();
-  vae::WanVae model(vae::VaeConfig{}, c10::kCPU, dtype, /*seed=*/1);
+  vae::WanVae model(vae::VaeConfig{}, device, dtype, /*seed=*/1);
   const uint64_t weights = counter.live() - base;
   vae::StreamingDecoder decoder(model);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
   const auto opts = at::TensorOptions().dtype(dtype);
-  decoder.prime(at::randn({1, 16, 2, height / 8, width / 8}, gen, opts));
-  const auto block = at::randn({1, 16, 3, height / 8, width / 8}, gen, opts);
+  decoder.prime(at::randn({1, 16, 2, height / 8, width / 8}, gen, opts).to(device));
+  const auto block = at::randn({1, 16, 3, height / 8, width / 8}, gen, opts).to(device);
   const uint64_t cache_before = decoder.cache_bytes();
   counter.reset_peak();
   const uint64_t before = counter.live();
@@ -59,12 +113,13 @@ int bench_vae(int64_t height, int64_t width, at::ScalarType dtype) {
   const uint64_t peak = counter.peak() - before;
   const double px = static_cast<double>(height * width), b = static_cast<double>(c10::elementSize(dtype));
   std::printf(
-      "{\"component\": \"vae\", \"height\": %lld, \"width\": %lld, \"dtype\": \"%s\", \"weights\": %llu,"
+      "{\"component\": \"vae\", \"device\": \"%s\", \"reserved_peak\": %llu, \"height\": %lld, \"width\": %lld, \"dtype\": \"%s\", \"weights\": %llu,"
       " \"parameters\": %llu, \"cache_bytes\": %llu, \"cache_bytes_per_pixel\": %.1f,"
       " \"decode_peak_above_cache\": %llu, \"decode_peak_values_per_pixel\": %.1f, \"output_bytes\": %llu,"
       " \"seconds\": {\"total\": %.2f, \"decode_block\": %.2f}}\n",
-      static_cast<long long>(height), static_cast<long long>(width), c10::toString(dtype),
-      static_cast<unsigned long long>(weights), static_cast<unsigned long long>(vae::VaeConfig{}.parameter_count()),
+      device.str().c_str(), static_cast<unsigned long long>(counter.reserved_peak()), static_cast<long long>(height),
+      static_cast<long long>(width), c10::toString(dtype), static_cast<unsigned long long>(weights),
+      static_cast<unsigned long long>(vae::VaeConfig{}.parameter_count()),
       static_cast<unsigned long long>(cache_before), static_cast<double>(cache_before) / px,
       static_cast<unsigned long long>(peak), static_cast<double>(peak) / px / b,
       static_cast<unsigned long long>(video.nbytes()), seconds_since(t0), block_s);
@@ -72,12 +127,11 @@ int bench_vae(int64_t height, int64_t width, at::ScalarType dtype) {
 }
 
 // wav2vec2-large on one streaming window (2 s context + one 0.48 s block + margin = 4.5 s).
-int bench_wav2vec2(at::ScalarType dtype) {
+int bench_wav2vec2(Meter& counter, c10::Device device, at::ScalarType dtype) {
   c10::NoGradGuard no_grad;
-  runtime::CountingCpuAllocator counter;
   const uint64_t base = counter.live();
   auto t0 = Clock::now();
-  audio::AudioEncoder model(audio::Wav2Vec2Config{}, c10::kCPU, dtype, /*seed=*/1);
+  audio::AudioEncoder model(audio::Wav2Vec2Config{}, device, dtype, /*seed=*/1);
   const uint64_t weights = counter.live() - base;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
   const auto samples = at::randn({72000}, gen) * 0.1;
@@ -88,11 +142,11 @@ int bench_wav2vec2(at::ScalarType dtype) {
   const double encode_s = seconds_since(t1);
   const uint64_t peak = counter.peak() - before;
   std::printf(
-      "{\"component\": \"wav2vec2\", \"samples\": 72000, \"dtype\": \"%s\", \"weights\": %llu,"
+      "{\"component\": \"wav2vec2\", \"device\": \"%s\", \"reserved_peak\": %llu, \"samples\": 72000, \"dtype\": \"%s\", \"weights\": %llu,"
       " \"parameters\": %llu, \"window_peak\": %llu, \"output_bytes\": %llu,"
       " \"seconds\": {\"total\": %.2f, \"encode\": %.2f}}\n",
-      c10::toString(dtype), static_cast<unsigned long long>(weights),
-      static_cast<unsigned long long>(model.parameter_count()), static_cast<unsigned long long>(peak),
+      device.str().c_str(), static_cast<unsigned long long>(counter.reserved_peak()), c10::toString(dtype),
+      static_cast<unsigned long long>(weights), static_cast<unsigned long long>(model.parameter_count()), static_cast<unsigned long long>(peak),
       static_cast<unsigned long long>(states.nbytes()), seconds_since(t0), encode_s);
   return 0;
 }
@@ -115,7 +169,7 @@ double ratio(uint64_t measured, uint64_t predicted) {
 int main(int argc, char** argv) {
   try {
     int64_t dim = 512, ffn = 1536, heads = 4, layers = 10, height = 704, width = 384, threads = 0;
-    std::string dtype_name = "fp32", json_path, component = "dit";
+    std::string dtype_name = "fp32", json_path, component = "dit", device_name = "cpu";
     bool size_given = false;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
@@ -131,6 +185,7 @@ int main(int argc, char** argv) {
       else if (a == "--dtype") dtype_name = value();
       else if (a == "--json") json_path = value();
       else if (a == "--component") component = value();
+      else if (a == "--device") device_name = value();
       else if (a == "--size") {
         const auto v = value();
         const auto x = v.find('x');
@@ -146,13 +201,19 @@ int main(int argc, char** argv) {
     if (dtype_name != "fp32" && dtype_name != "bf16") throw Error("--dtype must be fp32 or bf16");
     if (threads > 0) at::set_num_threads(static_cast<int>(threads));
     const auto dtype = dtype_name == "bf16" ? at::kBFloat16 : at::kFloat;
+    if (component != "dit" && component != "vae" && component != "wav2vec2")
+      throw Error("--component must be dit, vae or wav2vec2, got " + component);
+    if (device_name != "cpu" && device_name != "cuda") throw Error("--device must be cpu or cuda, got " + device_name);
+    const c10::Device device = device_name == "cuda" ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+    std::unique_ptr<Meter> meter;
+    if (device.is_cuda()) meter = std::make_unique<CudaMeter>();
+    else meter = std::make_unique<CpuMeter>();
     if (component == "vae") {
       if (!size_given) height = width = 32;
       if (height % 8 || width % 8) throw Error("--component vae: --size needs multiples of 8");
-      return bench_vae(height, width, dtype);
+      return bench_vae(*meter, device, height, width, dtype);
     }
-    if (component == "wav2vec2") return bench_wav2vec2(dtype);
-    if (component != "dit") throw Error("--component must be dit, vae or wav2vec2, got " + component);
+    if (component == "wav2vec2") return bench_wav2vec2(*meter, device, dtype);
 
     dit::ModelConfig config;
     config.dim = dim;
@@ -172,7 +233,7 @@ int main(int argc, char** argv) {
     request.height = height;
     request.width = width;
     request.weights = dtype == at::kFloat ? runtime::Precision::kFp32 : runtime::Precision::kBf16;
-    request.devices = {{"cpu", 1ull << 50}};
+    request.devices = {{device.str(), 1ull << 50}};
     request.parallel = runtime::Parallel::kSingle;
     request.aux.device = runtime::Placement::kHost;
     request.text_encoder.device = runtime::Placement::kNone;
@@ -182,11 +243,11 @@ int main(int argc, char** argv) {
     const auto tokens = runtime::count_tokens(request.model, height, width);
 
     c10::NoGradGuard no_grad;
-    runtime::CountingCpuAllocator counter;
+    Meter& counter = *meter;
     const uint64_t base = counter.live();
 
     auto t0 = Clock::now();
-    dit::Model model(config, c10::kCPU, dtype, /*seed=*/1);
+    dit::Model model(config, device, dtype, /*seed=*/1);
     const double build_s = std::chrono::duration<double>(Clock::now() - t0).count();
     const uint64_t weights = counter.live() - base;
 
@@ -194,10 +255,11 @@ int main(int argc, char** argv) {
     const int64_t lh = height / 8, lw = width / 8;
     auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
     const auto opts = at::TensorOptions().dtype(dtype);
-    const auto ref = at::randn({config.in_dim, 1, lh, lw}, gen, opts);
-    const auto motion = at::randn({config.in_dim, config.lat_motion_frames(), lh, lw}, gen, opts);
-    const auto text = at::randn({config.text_len, config.text_dim}, gen, opts);
-    const auto audio = at::randn({config.audio_layers, config.audio_dim, config.audio_frames_per_block()}, gen, opts);
+    const auto ref = at::randn({config.in_dim, 1, lh, lw}, gen, opts).to(device);
+    const auto motion = at::randn({config.in_dim, config.lat_motion_frames(), lh, lw}, gen, opts).to(device);
+    const auto text = at::randn({config.text_len, config.text_dim}, gen, opts).to(device);
+    const auto audio =
+        at::randn({config.audio_layers, config.audio_dim, config.audio_frames_per_block()}, gen, opts).to(device);
     const uint64_t inputs = counter.live() - base - weights;
 
     dit::Session session(model, {});
@@ -228,7 +290,7 @@ int main(int argc, char** argv) {
         buf, sizeof buf,
         "{"
         "  \"config\": {\"dim\": %lld, \"ffn_dim\": %lld, \"heads\": %lld, \"layers\": %lld, \"inject_layers\": %zu,"
-        " \"height\": %lld, \"width\": %lld, \"dtype\": \"%s\", \"threads\": %d},"
+        " \"height\": %lld, \"width\": %lld, \"dtype\": \"%s\", \"threads\": %d, \"device\": \"%s\"},"
         "  \"tokens\": {\"frame\": %lld, \"block\": %lld, \"ring\": %lld, \"sink\": %lld},"
         "  \"parameters\": %llu,"
         "  \"weights\": {\"predicted\": %llu, \"measured\": %llu, \"ratio\": %.4f},"
@@ -236,13 +298,13 @@ int main(int argc, char** argv) {
         " \"predicted_kv_rings\": %llu, \"predicted_sink\": %llu, \"predicted_text\": %llu},"
         "  \"activations\": {\"predicted\": %llu, \"measured_block_peak\": %llu, \"ratio\": %.4f,"
         " \"measured_prefill_peak\": %llu, \"held_after_block\": %llu},"
-        "  \"peak\": {\"predicted\": %llu, \"measured\": %llu, \"ratio\": %.4f},"
+        "  \"peak\": {\"predicted\": %llu, \"measured\": %llu, \"ratio\": %.4f, \"reserved\": %llu},"
         "  \"inputs_bytes\": %llu,"
         "  \"seconds\": {\"build\": %.2f, \"set_condition\": %.2f, \"generate_block\": %.2f}"
         "}\n",
         static_cast<long long>(dim), static_cast<long long>(ffn), static_cast<long long>(heads),
         static_cast<long long>(layers), inject.size(), static_cast<long long>(height), static_cast<long long>(width),
-        dtype_name.c_str(), at::get_num_threads(), static_cast<long long>(tokens.frame),
+        dtype_name.c_str(), at::get_num_threads(), device.str().c_str(), static_cast<long long>(tokens.frame),
         static_cast<long long>(tokens.block), static_cast<long long>(tokens.ring), static_cast<long long>(tokens.sink),
         static_cast<unsigned long long>(request.model.parameter_count()),
         static_cast<unsigned long long>(predicted.weights), static_cast<unsigned long long>(weights),
@@ -254,6 +316,7 @@ int main(int argc, char** argv) {
         ratio(block_peak, predicted.activations), static_cast<unsigned long long>(condition_peak),
         static_cast<unsigned long long>(held_after), static_cast<unsigned long long>(p_total),
         static_cast<unsigned long long>(peak_total), ratio(peak_total, p_total),
+        static_cast<unsigned long long>(counter.reserved_peak()),
         static_cast<unsigned long long>(inputs), build_s, condition_s, block_s);
     std::fputs(buf, stdout);
     if (!json_path.empty()) {
