@@ -12,6 +12,7 @@
 #include "counting_allocator.h"
 #include "liveavatar/text_encoder.h"
 #include "liveavatar/vae.h"
+#include "liveavatar/weights.h"
 #include "model.h"
 #include "planner_dit.h"
 
@@ -59,6 +60,59 @@ TEST(PlannerModels, GroupsAndBytesMatchTheBuiltModule) {
       EXPECT_EQ(elements[g.name], g.elements()) << g.name;
       EXPECT_EQ(bytes[g.name], g.bytes(precision, runtime::Fp8Scaling::kPerTensor, /*keep_fp32_modules=*/true))
           << g.name << " " << c10::toString(dtype);
+    }
+  }
+}
+
+// Stage shards built by the DiT's loader hold exactly the planner's per-rank bytes, in every precision (FP8
+// weights + scales per tensor or per channel included).
+TEST(PlannerModels, ShardBytesAreThePlannersStageBytes) {
+  c10::NoGradGuard no_grad;
+  auto config = dit::ModelConfig::tiny();
+  config.num_layers = 4;
+  config.audio_inject_layers = {0, 1, 3};
+  dit::Model source(config, c10::kCPU, at::kFloat, /*seed=*/9);
+  weights::Checkpoint checkpoint;
+  for (const auto& p : source.module()->named_parameters(/*recurse=*/true))
+    checkpoint.tensors[p.key()] = p.value().clone();
+  checkpoint.files.push_back("memory");
+
+  struct Case {
+    dit::Precision dit;
+    runtime::Precision planner;
+    weights::Fp8Scaling scaling;
+  };
+  for (const auto& c : {Case{dit::Precision::kFp32, runtime::Precision::kFp32, weights::Fp8Scaling::kPerTensor},
+                        Case{dit::Precision::kBf16, runtime::Precision::kBf16, weights::Fp8Scaling::kPerTensor},
+                        Case{dit::Precision::kFp8, runtime::Precision::kFp8, weights::Fp8Scaling::kPerTensor},
+                        Case{dit::Precision::kFp8, runtime::Precision::kFp8, weights::Fp8Scaling::kPerChannel}}) {
+    runtime::PlanRequest r;
+    r.model = runtime::planner_shape(config);
+    r.height = 128;
+    r.width = 64;
+    r.weights = c.planner;
+    r.fp8_scaling = c.scaling == weights::Fp8Scaling::kPerTensor ? runtime::Fp8Scaling::kPerTensor
+                                                                 : runtime::Fp8Scaling::kPerChannel;
+    r.devices = {{"cpu:0", 1ull << 40}, {"cpu:1", 1ull << 40}, {"cpu:2", 1ull << 40}, {"cpu:3", 1ull << 40}};
+    for (int64_t ranks = 1; ranks <= 4; ++ranks) {
+      const auto plan = ranks == 1 ? runtime::evaluate(r, runtime::Parallel::kSingle, 1)
+                                   : runtime::evaluate(r, runtime::Parallel::kStage, ranks);
+      for (int64_t k = 0; k < ranks; ++k) {
+        dit::LoadOptions o;
+        o.precision = c.dit;
+        o.fp8_scaling = c.scaling;
+        o.first_layer = k * config.num_layers / ranks;
+        o.last_layer = (k + 1) * config.num_layers / ranks;
+        const dit::Model shard(config, checkpoint, o);
+        uint64_t bytes = 0;
+        for (const auto& p : shard.module()->named_parameters(/*recurse=*/true))
+          bytes += static_cast<uint64_t>(p.value().nbytes());
+        for (const auto& b : shard.module()->named_buffers(/*recurse=*/true))
+          bytes += static_cast<uint64_t>(b.value().nbytes());
+        EXPECT_EQ(bytes, plan.devices[static_cast<size_t>(k)].weights)
+            << "precision " << runtime::to_string(c.planner) << (c.scaling == weights::Fp8Scaling::kPerChannel ? " per channel" : "")
+            << ", rank " << k << " of " << ranks;
+      }
     }
   }
 }
