@@ -351,6 +351,26 @@ TEST(AudioInjector, AttentionEpsIsUpstreams1e6WhateverTheModelEps) {
   EXPECT_EQ(m->blocks[0]->as<BlockImpl>()->self_attn->options.eps, 1e-5);
 }
 
+TEST(Attention, TwoKeySetsEqualOneSoftmaxOverTheirConcatenation) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  const auto q = at::randn({1, 96, 4, 16}, gen);
+  const auto k1 = at::randn({1, 192, 4, 16}, gen) * 2, v1 = at::randn({1, 192, 4, 16}, gen);
+  const auto k2 = at::randn({1, 80, 4, 16}, gen), v2 = at::randn({1, 80, 4, 16}, gen) * 3;
+  const auto two = sdpa_two_blhd(q, k1, v1, k2, v2);
+  const auto one = sdpa_blhd(q, at::cat({k1, k2}, 1), at::cat({v1, v2}, 1));
+  ASSERT_EQ(two.sizes(), one.sizes());
+  EXPECT_LT((two - one).abs().max().item<double>(), 1e-5 * one.abs().max().item<double>());
+  // A set that dominates the softmax (large logits) still merges right.
+  const auto loud = sdpa_two_blhd(q, k1 * 40, v1, k2, v2);
+  const auto loud_ref = sdpa_blhd(q, at::cat({k1 * 40, k2}, 1), at::cat({v1, v2}, 1));
+  EXPECT_LT((loud - loud_ref).abs().max().item<double>(), 1e-5 * loud_ref.abs().max().item<double>());
+  // bf16 in, bf16 out.
+  const auto b = sdpa_two_blhd(q.to(at::kBFloat16), k1.to(at::kBFloat16), v1.to(at::kBFloat16), k2.to(at::kBFloat16),
+                               v2.to(at::kBFloat16));
+  EXPECT_EQ(b.scalar_type(), at::kBFloat16);
+  EXPECT_LT((b.to(at::kFloat) - one).abs().max().item<double>(), 0.03 * one.abs().max().item<double>());
+}
+
 TEST(Rope, Fp32TableIsExactAndApplicationStaysWithinRounding) {
   const auto positions = rope_positions({{-19, 0, 0, -3, 4, 8, 16, 8, 16, false}, {0, 0, 0, 3, 4, 8, 3, 4, 8, true}}, 29);
   const auto table = rope_table(positions, 16);

@@ -117,6 +117,37 @@ at::Tensor sdpa_blhd(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       .transpose(1, 2);
 }
 
+namespace {
+// Attention of q [B, H, Lq, D] over k, v [B, H, Lk, D]: output [B, H, Lq, D] and log-sum-exp [B, H, Lq] fp32
+// (natural log of the softmax denominator of the scaled scores). Undefined when the device has no such kernel.
+std::pair<at::Tensor, at::Tensor> sdpa_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  if (q.device().is_cpu()) {
+    auto r = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);
+    return {std::get<0>(r), std::get<1>(r)};
+  }
+  if (q.device().is_cuda()) {
+    auto r = at::_scaled_dot_product_efficient_attention(q, k, v, /*attn_bias=*/std::nullopt,
+                                                         /*compute_log_sumexp=*/true);
+    // The kernel pads the log-sum-exp rows to a multiple of 32.
+    return {std::get<0>(r), std::get<1>(r).slice(-1, 0, q.size(2))};
+  }
+  return {};
+}
+}  // namespace
+
+at::Tensor sdpa_two_blhd(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& v1, const at::Tensor& k2,
+                         const at::Tensor& v2) {
+  const auto qt = q.transpose(1, 2);  // [B, H, Lq, D]
+  auto [o1, l1] = sdpa_with_lse(qt, k1.transpose(1, 2), v1.transpose(1, 2));
+  if (!o1.defined()) return sdpa_blhd(q, at::cat({k1, k2}, 1), at::cat({v1, v2}, 1));
+  auto [o2, l2] = sdpa_with_lse(qt, k2.transpose(1, 2), v2.transpose(1, 2));
+  // softmax over both sets = each set's softmax weighted by its share exp(lse_i - lse) of the total.
+  const auto l = at::logaddexp(l1, l2);                     // [B, H, Lq]
+  const auto w1 = at::exp(l1 - l).unsqueeze(-1), w2 = at::exp(l2 - l).unsqueeze(-1);
+  const auto out = o1.to(at::kFloat) * w1 + o2.to(at::kFloat) * w2;  // [B, H, Lq, D]
+  return out.to(q.scalar_type()).transpose(1, 2);
+}
+
 at::Tensor AttentionImpl::attend(const at::Tensor& qh, const at::Tensor& kh, const at::Tensor& vh) {
   const auto x = sdpa_blhd(qh, kh, vh);  // [B, Lq, H, D]
   return o(x.flatten(2));                // [B, Lq, dim]

@@ -267,9 +267,9 @@ at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   const auto rk = rope_apply(k, table).to(dtype);
   ring.k.slice(1, window.start, window.start + seq).copy_(rk);
   ring.v.slice(1, window.start, window.start + seq).copy_(v);
-  const auto keys = at::cat({ring.k.slice(1, 0, window.active), rope_apply(sink.k, cond_table).to(dtype)}, 1);
-  const auto values = at::cat({ring.v.slice(1, 0, window.active), sink.v}, 1);
-  return sdpa_blhd(rq, keys, values);
+  // The ring window and the re-roped sink as two key sets of one softmax: no per-layer copy of the ring.
+  return sdpa_two_blhd(rq, ring.k.slice(1, 0, window.active), ring.v.slice(1, 0, window.active),
+                       rope_apply(sink.k, cond_table).to(dtype), sink.v);
 }
 
 int64_t CausalWanModelS2VImpl::cond_rollout(int64_t current_frame, int64_t rope_offset) const {

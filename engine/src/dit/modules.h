@@ -161,6 +161,11 @@ TORCH_MODULE(Attention);
 
 /// Scaled dot-product attention on [B, L, H, D] tensors (default scale, no mask) -> [B, Lq, H, D].
 at::Tensor sdpa_blhd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+/// The same over the union of two key / value sets (the ring window and the sink) as one softmax, without
+/// concatenating them: each set's output and log-sum-exp, merged in fp32 (CPU: the flash kernel SDPA uses; CUDA:
+/// the memory-efficient kernel). Other devices concatenate. [B, L, H, D] in, [B, Lq, H, D] in q's dtype out.
+at::Tensor sdpa_two_blhd(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& v1, const at::Tensor& k2,
+                         const at::Tensor& v2);
 
 // --- Transformer block (CausalWanS2VAttentionBlock) -------------------------------------------------------------
 struct BlockOptions {

@@ -9,9 +9,6 @@
 namespace liveavatar::dit {
 namespace {
 
-// true: the rotation in complex128 as upstream (bit-exact, 2 x 8 bytes per element of every roped tensor).
-constexpr bool kRopeFp64 = true;
-
 // numpy.linspace(start, stop, num).astype(int): float64 arithmetic, the last sample pinned to stop, truncation.
 std::vector<int64_t> linspace_int(double start, double stop, int64_t num) {
   std::vector<int64_t> out;
@@ -113,11 +110,6 @@ at::Tensor rope_apply(const at::Tensor& x, const RopeTable& table) {
     throw DitError("rope: table for " + std::to_string(table.cos.size(0)) + " tokens x " +
                    std::to_string(table.cos.size(-1) * 2) + " channels, tensor has " + std::to_string(l) + " x " +
                    std::to_string(d));
-  if (kRopeFp64) {
-    const auto complex = at::complex(table.cos.to(at::kDouble), table.sin.to(at::kDouble));
-    const auto xc = at::view_as_complex(x.to(at::kDouble).reshape({b, l, h, d / 2, 2}));  // [B, L, H, D/2]
-    return at::view_as_real(xc * complex.unsqueeze(0)).flatten(3).to(at::kFloat);         // [B, L, H, D]
-  }
   // (re + i im)(cos + i sin) in fp32: the table values are fp16, so cos / sin are exact; the fp32 products and sums
   // round where upstream's complex128 product does not.
   const auto xf = x.to(at::kFloat).reshape({b, l, h, d / 2, 2});
