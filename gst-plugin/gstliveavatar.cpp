@@ -822,9 +822,10 @@ static void flush_image_pad_for_seek(GstLiveAvatar* self, guint32 seqnum) {
   gst_pad_send_event(pad, gst_event_new_eos());
 }
 
-// Seeks go to the audio branch, which defines the timeline. A seek first reaches the image branch, which for a flushing
-// seek either flushes itself (imagefreeze: the picture restarts at the new position) or is flushed here (a
-// still-picture decoder), so that GstAggregator sees both pads flush and restarts the output. A seek the audio cannot do fails
+// Seeks go to the audio branch, which defines the timeline. A flushing seek first reaches the image branch, which
+// either flushes itself (imagefreeze: the picture restarts at the new position) or is flushed here (a still-picture
+// decoder), so that GstAggregator sees both pads flush and restarts the output. A non-flushing seek (looping a
+// segment) only concerns the audio. A seek the audio cannot do fails
 // without flushing anything, and playback goes on.
 static gboolean handle_seek(GstLiveAvatar* self, GstEvent* event) {
   GstLiveAvatarPrivate* priv = self->priv;
@@ -856,10 +857,16 @@ static gboolean handle_seek(GstLiveAvatar* self, GstEvent* event) {
     gst_event_unref(event);
     return FALSE;
   }
-  // The image branch first: a flushing seek needs its flush (done here when it refuses); a non-flushing one (looping a
-  // segment) restarts imagefreeze, which stopped at the segment's end. A still-picture decoder refuses: no matter.
-  gst_pad_push_event(GST_PAD(self->image_pad), gst_event_ref(event));
-  if ((flags & GST_SEEK_FLAG_FLUSH) && priv->image_flush_seqnum.load() != seqnum) flush_image_pad_for_seek(self, seqnum);
+  if (flags & GST_SEEK_FLAG_FLUSH) {
+    // The image branch first, flushed here when it does not flush itself. It gets the seek without an end: the audio
+    // ends the segment; an image branch that ended it too (SEGMENT_DONE, no EOS, e.g. decodebin's pngparse) would
+    // leave the image pad waiting for data forever.
+    GstEvent* image_seek = gst_event_new_seek(rate, format, static_cast<GstSeekFlags>(flags & ~GST_SEEK_FLAG_SEGMENT),
+                                              start_type, start, GST_SEEK_TYPE_SET, -1);
+    gst_event_set_seqnum(image_seek, seqnum);
+    gst_pad_push_event(GST_PAD(self->image_pad), image_seek);
+    if (priv->image_flush_seqnum.load() != seqnum) flush_image_pad_for_seek(self, seqnum);
+  }
   const gboolean ok = gst_pad_push_event(GST_PAD(self->audio_pad), event);
   GST_INFO_OBJECT(self, "seek %u %s", seqnum, ok ? "done" : "refused by the audio branch");
   return ok;
