@@ -666,6 +666,57 @@ TEST(ElementLive, IdlesBeforeAnyAudio) {
   gst_object_unref(pipe);
 }
 
+// Live, pictures queued before any audio: each takes effect at its own time (the portrait until 1 s, then grey 90),
+// not the newest of them at once.
+TEST(ElementLive, PicturesAheadOfTheAudioKeepTheirTimes) {
+  GError* err = nullptr;
+  GstElement* pipe = gst_parse_launch(
+      "appsrc name=img format=time ! videoconvert ! la.image "
+      "appsrc name=aud is-live=true format=time caps=audio/x-raw,format=F32LE,rate=16000,channels=1,"
+      "layout=interleaved ! la.audio "
+      "liveavatar name=la width=128 height=128 ! appsink name=out sync=true max-buffers=1000",
+      &err);
+  ASSERT_EQ(err, nullptr) << (err ? err->message : "");
+  GstElement* img = gst_bin_get_by_name(GST_BIN(pipe), "img");
+  GstElement* out = gst_bin_get_by_name(GST_BIN(pipe), "out");
+  GstCaps* icaps = gst_caps_from_string("video/x-raw,format=RGB,width=512,height=512,framerate=0/1");
+  gst_app_src_set_caps(GST_APP_SRC(img), icaps);
+  gst_caps_unref(icaps);
+  gst_app_src_push_buffer(GST_APP_SRC(img), image_buffer(512, 512, GST_VIDEO_FORMAT_RGB, 0, &portrait()));
+  GstBuffer* grey = image_buffer(512, 512, GST_VIDEO_FORMAT_RGB, 90);
+  GST_BUFFER_PTS(grey) = GST_SECOND;
+  gst_app_src_push_buffer(GST_APP_SRC(img), grey);
+  gst_app_src_end_of_stream(GST_APP_SRC(img));
+  ASSERT_NE(gst_element_set_state(pipe, GST_STATE_PLAYING), GST_STATE_CHANGE_FAILURE);
+  std::vector<GstBuffer*> frames;
+  const gint64 until = g_get_monotonic_time() + 1600000;
+  while (g_get_monotonic_time() < until) {
+    GstSample* s = gst_app_sink_try_pull_sample(GST_APP_SINK(out), 20 * GST_MSECOND);
+    if (!s) continue;
+    frames.push_back(gst_buffer_ref(gst_sample_get_buffer(s)));
+    gst_sample_unref(s);
+  }
+  gst_element_set_state(pipe, GST_STATE_NULL);
+  ASSERT_GE(frames.size(), 20u);
+  int portrait_frames = 0, grey_frames = 0;
+  for (GstBuffer* f : frames) {
+    const bool is_grey = flat_share(f, 90) > 0.9;
+    if (GST_BUFFER_PTS(f) + kFrame <= GST_SECOND) {
+      EXPECT_FALSE(is_grey) << "frame at " << GST_BUFFER_PTS(f) << " ns shows the 1 s picture early";
+      ++portrait_frames;
+    } else if (GST_BUFFER_PTS(f) >= GST_SECOND) {
+      EXPECT_TRUE(is_grey) << "frame at " << GST_BUFFER_PTS(f) << " ns";
+      ++grey_frames;
+    }
+  }
+  EXPECT_GT(portrait_frames, 0);
+  EXPECT_GT(grey_frames, 0);
+  free_all(frames);
+  gst_object_unref(img);
+  gst_object_unref(out);
+  gst_object_unref(pipe);
+}
+
 int main(int argc, char** argv) {
   gst_init(&argc, &argv);
   ::testing::InitGoogleTest(&argc, argv);
