@@ -18,7 +18,7 @@ struct RgbImage {
   std::vector<uint8_t> data;  // stride = width * 3
 };
 
-/// Thread-safety: used by one Engine, never concurrently.
+/// Thread-safety: used by one Engine, never concurrently (the engine's worker and the caller take turns under a lock).
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -36,6 +36,16 @@ class Backend {
   virtual void reset() = 0;
   /// The engine's cancel flag: a backend whose work comes in long steps checks it between them and throws Cancelled.
   virtual void set_cancel_flag(const std::atomic<bool>* flag) { (void)flag; }
+  /// Output size for a reference of w x h when none is configured.
+  virtual Size default_size(int reference_width, int reference_height) const {
+    return default_output_size(reference_width, reference_height);
+  }
+  /// Throws Error, saying which sizes work, when the backend cannot make frames of `size`.
+  virtual void check_size(Size size) const { (void)size; }
+  /// Frames made at once: the engine feeds a worker this many frames of audio per unit of work.
+  virtual int frames_per_block() const { return 1; }
+  /// Whether "auto" runs this backend on a worker thread (long blocks) or inline (cheap frames, rendered when taken).
+  virtual bool prefers_worker() const { return false; }
 };
 
 std::unique_ptr<Backend> make_puppet_backend(const EngineConfig& config);

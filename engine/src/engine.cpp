@@ -1,13 +1,18 @@
-// Engine: validation, audio framing and the exact-length tail, on top of a Backend.
+// Engine: validation, audio framing and the exact-length tail, on top of a Backend run inline or on a worker.
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include "liveavatar/engine.h"
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "backend.h"
 
@@ -68,6 +73,21 @@ RgbImage to_rgb(const ImageView& v) {
   return out;
 }
 
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// The Engine: validation, audio framing and the exact-length tail on the caller's side; the backend's work either
+// inline or on a worker thread that takes one block of audio at a time and fills a bounded frame queue.
+//
+//   caller: push_audio -> whole frames -> audio_ ----> worker: backend push + render ----> frames_ -> pop_frame
+//           finish ----------------------> finish_pending_ ----> backend finish + render -^
+//
+// Locks: mu_ guards the queues, counters and the error; backend_mu_ is held while the backend works (by the worker
+// for one unit, by the caller for set_reference / set_output_size / face_layout). Never both in the other order:
+// the worker takes backend_mu_ only with mu_ released.
 class EngineImpl final : public Engine {
  public:
   explicit EngineImpl(const EngineConfig& config) : config_(config) {
@@ -82,6 +102,13 @@ class EngineImpl final : public Engine {
     check_size(requested_, "output size");
     if ((requested_.width == 0) != (requested_.height == 0))
       throw Error("set both width and height, or neither (then they follow the reference)");
+    if (config.worker != "auto" && config.worker != "thread" && config.worker != "inline")
+      throw Error("worker must be auto, thread or inline, got '" + config.worker + "'");
+    if (config.max_area < 0)
+      throw Error("max_area must be 0 (the model's 704x384 area) or positive, got " + std::to_string(config.max_area));
+    if (config.max_queued_frames < 0)
+      throw Error("max_queued_frames must be 0 (automatic) or positive, got " +
+                  std::to_string(config.max_queued_frames));
     BackendFactory factory = nullptr;
     {
       std::lock_guard<std::mutex> lock(registry_mutex());
@@ -97,14 +124,34 @@ class EngineImpl final : public Engine {
       throw Error("unknown backend '" + config.backend + "': available backends are " + names);
     }
     backend_ = factory(config);
+    if (requested_.width) backend_->check_size(requested_);
     backend_->set_cancel_flag(&cancel_);
+    fpb_ = std::max(1, backend_->frames_per_block());
+    threaded_ = config.worker == "thread" || (config.worker == "auto" && backend_->prefers_worker());
+    capacity_ = config.max_queued_frames > 0 ? static_cast<size_t>(std::max(config.max_queued_frames, fpb_))
+                                             : static_cast<size_t>(std::max(2 * fpb_, 25));
     pending_.reserve(spf_);
+    if (threaded_) worker_ = std::thread([this] { worker_main(); });
+  }
+
+  ~EngineImpl() override {
+    if (!worker_.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      cancel_ = true;  // a block in progress ends at its next check
+    }
+    cv_work_.notify_all();
+    worker_.join();
   }
 
   void set_reference(const ImageView& image) override {
     RgbImage rgb = to_rgb(image);
-    Size out = requested_.width ? requested_ : default_output_size(rgb.width, rgb.height);
-    backend_->set_reference(rgb, out, &warnings_);
+    Size out = requested_.width ? requested_ : backend_->default_size(rgb.width, rgb.height);
+    {
+      std::lock_guard<std::mutex> lock(backend_mu_);
+      backend_->set_reference(rgb, out, &warnings_);
+    }
     size_ = out;
     reference_width_ = rgb.width;
     reference_height_ = rgb.height;
@@ -114,14 +161,22 @@ class EngineImpl final : public Engine {
 
   void set_output_size(Size size) override {
     check_size(size, "output size");
+    if (size.width) backend_->check_size(size);
     requested_ = size;
     if (!has_reference_) return;
-    Size out = size.width ? size : default_output_size(reference_width_, reference_height_);
-    backend_->set_output_size(out);
+    Size out = size.width ? size : backend_->default_size(reference_width_, reference_height_);
+    {
+      std::lock_guard<std::mutex> lock(backend_mu_);
+      backend_->set_output_size(out);
+    }
     size_ = out;
   }
   Size output_size() const override { return has_reference_ ? size_ : requested_; }
-  FaceLayout face_layout() const override { return has_reference_ ? backend_->face_layout() : FaceLayout{}; }
+  FaceLayout face_layout() const override {
+    if (!has_reference_) return FaceLayout{};
+    std::lock_guard<std::mutex> lock(backend_mu_);
+    return backend_->face_layout();
+  }
 
   void push_audio(const float* samples, size_t count) override {
     check_can_push();
@@ -134,7 +189,7 @@ class EngineImpl final : public Engine {
       i = take;
       if (static_cast<int>(pending_.size()) == spf_) {
         sanitize(pending_.data(), spf_);
-        backend_->push_audio_frames(pending_.data(), 1);
+        submit(pending_.data(), 1);
         pending_.clear();
       }
     }
@@ -142,7 +197,7 @@ class EngineImpl final : public Engine {
     if (whole) {
       scratch_.assign(samples + i, samples + i + whole * spf_);
       sanitize(scratch_.data(), scratch_.size());
-      backend_->push_audio_frames(scratch_.data(), static_cast<int>(whole));
+      submit(scratch_.data(), static_cast<int>(whole));
       i += whole * spf_;
     }
     pending_.insert(pending_.end(), samples + i, samples + count);
@@ -161,39 +216,84 @@ class EngineImpl final : public Engine {
 
   bool pop_frame(Frame* frame) override {
     if (!frame) throw Error("pop_frame: null frame");
-    if (!has_reference_) return false;
-    if (finished_ && next_index_ >= total_frames_) return false;
-    if (!backend_->render_next(frame)) return false;
-    if (frame->index != next_index_)
-      throw Error("internal error: backend produced frame " + std::to_string(frame->index) + ", expected " +
-                  std::to_string(next_index_));
-    ++next_index_;
-    return true;
+    if (!threaded_) return pop_inline(frame);
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!finished_) return take_locked(frame);
+    return wait_locked(lock, frame, nullptr);
+  }
+
+  bool wait_frame(Frame* frame, std::chrono::milliseconds timeout) override {
+    if (!frame) throw Error("wait_frame: null frame");
+    if (!threaded_) return pop_inline(frame);
+    const auto deadline = Clock::now() + timeout;
+    std::unique_lock<std::mutex> lock(mu_);
+    return wait_locked(lock, frame, &deadline);
+  }
+
+  bool done() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return finished_ && next_index_ >= total_frames_;
   }
 
   void finish() override {
     if (finished_) return;
-    finished_ = true;
+    throw_if_stopped();
     total_frames_ = (samples_ + spf_ - 1) / spf_;
     if (!pending_.empty()) {
       pending_.resize(spf_, 0.f);  // pad the tail with silence: one last frame covers it
       sanitize(pending_.data(), spf_);
-      backend_->push_audio_frames(pending_.data(), 1);
+      submit(pending_.data(), 1);
       pending_.clear();
     }
-    if (has_reference_) backend_->finish(total_frames_);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      finished_ = true;
+      if (threaded_ && has_reference_) finish_pending_ = true;
+    }
+    if (!has_reference_) return;
+    if (threaded_) {
+      cv_work_.notify_all();
+    } else {
+      run_inline([&] { backend_->finish(total_frames_); });
+    }
   }
 
-  void cancel() override { cancel_ = true; }
+  void cancel() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancel_ = true;
+    }
+    cv_work_.notify_all();
+    cv_frames_.notify_all();
+  }
 
   void reset() override {
-    cancel_ = false;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cancel_ = true;  // the worker drops what it is doing at its next check
+      cv_frames_.notify_all();
+      cv_idle_.wait(lock, [&] { return !busy_; });
+      audio_.clear();
+      frames_.clear();
+      finish_pending_ = false;
+      error_ = nullptr;
+    }
+    {
+      std::lock_guard<std::mutex> lock(backend_mu_);
+      backend_->reset();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
     pending_.clear();
     samples_ = 0;
     next_index_ = 0;
     total_frames_ = 0;
     finished_ = false;
-    backend_->reset();
+    frames_submitted_ = 0;
+    frames_made_ = 0;
+    work_ms_ = 0;
+    stats_ = EngineStats{};
+    first_audio_ = Clock::time_point{};
+    cancel_ = false;
   }
 
   int samples_per_frame() const override { return spf_; }
@@ -204,12 +304,184 @@ class EngineImpl final : public Engine {
     return w;
   }
 
+  std::chrono::nanoseconds latency() const override {
+    const EngineStats s = stats();
+    const double frame_ns = 1e9 * config_.fps_d / config_.fps_n;
+    const int64_t blocks_ahead = s.frames_pending / s.frames_per_block;
+    const double ns = frame_ns * s.frames_per_block + s.ms_per_block * 1e6 * static_cast<double>(1 + blocks_ahead);
+    return std::chrono::nanoseconds(static_cast<int64_t>(ns));
+  }
+
+  EngineStats stats() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    EngineStats s = stats_;
+    s.threaded = threaded_;
+    s.frames_per_block = fpb_;
+    s.frames_taken = next_index_;
+    s.frames_queued = static_cast<int64_t>(frames_.size());
+    s.frames_pending = std::max<int64_t>(0, frames_submitted_ - frames_made_);
+    return s;
+  }
+
  private:
   void check_can_push() const {
     if (!has_reference_)
       throw Error("audio arrived before the reference image: set a portrait first (link the image pad)");
     if (finished_) throw Error("audio pushed after finish(): call reset() to start a new stream");
+    throw_if_stopped();
   }
+
+  // The worker's error (sticky until reset) or a cancellation.
+  void throw_if_stopped() const {
+    std::exception_ptr error;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      error = error_;
+    }
+    if (error) std::rethrow_exception(error);
+    if (cancel_) throw Cancelled();
+  }
+
+  // Whole frames of sanitised audio for the backend.
+  void submit(const float* samples, int frames) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (frames_submitted_ == 0) first_audio_ = Clock::now();
+      frames_submitted_ += frames;
+      if (threaded_) audio_.insert(audio_.end(), samples, samples + static_cast<size_t>(frames) * spf_);
+    }
+    if (threaded_) {
+      cv_work_.notify_one();
+      return;
+    }
+    run_inline([&] { backend_->push_audio_frames(samples, frames); });
+  }
+
+  // Inline mode: the backend's work in the caller's thread, timed like the worker's.
+  template <typename Work>
+  void run_inline(Work&& work) {
+    const auto t0 = Clock::now();
+    work();
+    std::lock_guard<std::mutex> lock(mu_);
+    work_ms_ += ms_since(t0);
+  }
+
+  bool pop_inline(Frame* frame) {
+    throw_if_stopped();
+    if (!has_reference_) return false;
+    if (finished_ && next_index_ >= total_frames_) return false;
+    const auto t0 = Clock::now();
+    if (!backend_->render_next(frame)) return false;
+    if (frame->index != next_index_)
+      throw Error("internal error: backend produced frame " + std::to_string(frame->index) + ", expected " +
+                  std::to_string(next_index_));
+    std::lock_guard<std::mutex> lock(mu_);
+    work_ms_ += ms_since(t0);
+    ++frames_made_;
+    account_frames(1);
+    ++next_index_;
+    return true;
+  }
+
+  // Threaded: the next frame if one is queued (mu_ held).
+  // Frames made before a worker error still come out; the error comes next.
+  bool take_locked(Frame* frame) {
+    if (cancel_) throw Cancelled();
+    while (!frames_.empty()) {
+      Frame f = std::move(frames_.front());
+      frames_.pop_front();
+      cv_work_.notify_one();  // room in the queue
+      if (finished_ && f.index >= total_frames_) continue;  // the padding of the last block
+      if (f.index != next_index_)
+        throw Error("internal error: backend produced frame " + std::to_string(f.index) + ", expected " +
+                    std::to_string(next_index_));
+      *frame = std::move(f);
+      ++next_index_;
+      return true;
+    }
+    if (error_) std::rethrow_exception(error_);
+    return false;
+  }
+
+  // Threaded: waits for the next frame, the end of the stream (after finish), an error, a cancel or the deadline.
+  bool wait_locked(std::unique_lock<std::mutex>& lock, Frame* frame, const Clock::time_point* deadline) {
+    for (;;) {
+      if (take_locked(frame)) return true;
+      if (finished_ && next_index_ >= total_frames_) return false;
+      if (finished_ && !busy_ && !finish_pending_ && audio_.size() < static_cast<size_t>(spf_))
+        throw Error("internal error: the backend ended the stream after " + std::to_string(next_index_) +
+                    " frames of " + std::to_string(total_frames_));
+      if (!deadline) {
+        cv_frames_.wait(lock);
+      } else if (cv_frames_.wait_until(lock, *deadline) == std::cv_status::timeout) {
+        return take_locked(frame);
+      }
+    }
+  }
+
+  // Per-block processing time from the work done since the last frames appeared (mu_ held).
+  void account_frames(int64_t made) {
+    if (made <= 0) return;
+    const double per_block = work_ms_ / static_cast<double>(made) * fpb_;
+    work_ms_ = 0;
+    stats_.ms_last_block = per_block;
+    stats_.ms_per_block = stats_.ms_per_block > 0 ? 0.8 * stats_.ms_per_block + 0.2 * per_block : per_block;
+    stats_.blocks_done = frames_made_ / fpb_;
+    if (stats_.ms_first_frame == 0 && first_audio_ != Clock::time_point{})
+      stats_.ms_first_frame = ms_since(first_audio_);
+  }
+
+  bool runnable() const {
+    return !error_ && !cancel_ && frames_.size() < capacity_ &&
+           (audio_.size() >= static_cast<size_t>(spf_) || finish_pending_);
+  }
+
+  void worker_main() {
+    std::unique_lock<std::mutex> lock(mu_);
+    std::vector<float> unit;
+    for (;;) {
+      cv_work_.wait(lock, [&] { return stop_ || runnable(); });
+      if (stop_) return;
+      // One unit: up to a block of audio, or the end of the stream once all audio is in.
+      const int frames = static_cast<int>(std::min<size_t>(audio_.size() / spf_, static_cast<size_t>(fpb_)));
+      const bool at_end = frames == 0;
+      unit.assign(audio_.begin(), audio_.begin() + static_cast<size_t>(frames) * spf_);
+      audio_.erase(audio_.begin(), audio_.begin() + static_cast<size_t>(frames) * spf_);
+      if (at_end) finish_pending_ = false;
+      const int64_t total = total_frames_;
+      busy_ = true;
+      lock.unlock();
+
+      std::vector<Frame> made;
+      std::exception_ptr error;
+      const auto t0 = Clock::now();
+      try {
+        std::lock_guard<std::mutex> backend_lock(backend_mu_);
+        if (frames) backend_->push_audio_frames(unit.data(), frames);
+        if (at_end) backend_->finish(total);
+        Frame f;
+        while (backend_->render_next(&f)) made.push_back(std::move(f));
+      } catch (const Cancelled&) {
+        // cancel() or reset(): the caller sees Cancelled through cancel_.
+      } catch (...) {
+        error = std::current_exception();
+      }
+      const double ms = ms_since(t0);
+
+      lock.lock();
+      busy_ = false;
+      if (!cancel_) {
+        if (error) error_ = error;
+        work_ms_ += ms;
+        frames_made_ += static_cast<int64_t>(made.size());
+        account_frames(static_cast<int64_t>(made.size()));
+        for (auto& f : made) frames_.push_back(std::move(f));
+      }
+      cv_frames_.notify_all();
+      cv_idle_.notify_all();
+    }
+  }
+
   // NaN / Inf would poison the smoothing state for the rest of the stream; clip like a DAC would.
   static void sanitize(float* s, size_t n) {
     for (size_t k = 0; k < n; ++k) {
@@ -220,7 +492,11 @@ class EngineImpl final : public Engine {
 
   EngineConfig config_;
   std::unique_ptr<Backend> backend_;
+  mutable std::mutex backend_mu_;
   int spf_ = 640;
+  int fpb_ = 1;
+  bool threaded_ = false;
+  size_t capacity_ = 25;
   Size requested_;
   Size size_;
   int reference_width_ = 0, reference_height_ = 0;
@@ -228,11 +504,29 @@ class EngineImpl final : public Engine {
   std::vector<float> pending_;  // samples of the incomplete frame
   std::vector<float> scratch_;
   int64_t samples_ = 0;
+  std::vector<std::string> warnings_;
+  std::atomic<bool> cancel_{false};
+
+  // Shared with the worker, under mu_.
+  mutable std::mutex mu_;
+  std::condition_variable cv_work_;    // the worker: audio, finish, room in the queue, cancel, stop
+  std::condition_variable cv_frames_;  // the caller: a frame, an error, the end
+  std::condition_variable cv_idle_;    // reset(): the worker has left the backend
+  std::vector<float> audio_;           // whole frames of audio not yet given to the backend
+  std::deque<Frame> frames_;           // made, not yet taken
+  bool finish_pending_ = false;
+  bool busy_ = false;
+  bool stop_ = false;
+  std::exception_ptr error_;
   int64_t next_index_ = 0;
   int64_t total_frames_ = 0;
   bool finished_ = false;
-  std::vector<std::string> warnings_;
-  std::atomic<bool> cancel_{false};
+  int64_t frames_submitted_ = 0;
+  int64_t frames_made_ = 0;
+  double work_ms_ = 0;  // backend time since frames last appeared
+  EngineStats stats_;
+  Clock::time_point first_audio_{};
+  std::thread worker_;
 };
 
 }  // namespace
@@ -245,6 +539,42 @@ Size default_output_size(int w, int h) {
   int ow = static_cast<int>(std::floor(w * scale)) / 16 * 16;
   int oh = static_cast<int>(std::floor(h * scale)) / 16 * 16;
   return {std::max(ow, kMinReferenceSide), std::max(oh, kMinReferenceSide)};
+}
+
+Size model_output_size(int w, int h, int64_t max_area) {
+  if (w < kMinReferenceSide || h < kMinReferenceSide)
+    throw Error("reference image " + size_text(w, h) + " is too small: at least " +
+                std::to_string(kMinReferenceSide) + " pixels per side");
+  constexpr int64_t kStep = 64;  // VAE x8, patch x2, FramePack 4x bucket x4
+  if (max_area < kStep * kStep)
+    throw Error("max-area " + std::to_string(max_area) + " is below the smallest output of 64x64 pixels");
+  const double height = h, width = w, area = static_cast<double>(max_area);
+  auto pad = [](int64_t side) { return (side + kStep - 1) / kStep * kStep; };
+  // Scales from the one that fills the area unpadded down to the one that fills it with the most padding (the
+  // bounds and the 100-step descent are upstream's get_size_less_than_area, including its quadratic's 2ac term).
+  double min_scale = 0.1, max_scale = 1.0;
+  if (height * width > area) {
+    const double d = kStep - 1, a = height * width, b = d * (height + width), c = d * d - area;
+    min_scale = (-b + std::sqrt(b * b - 2 * a * c)) / (2 * a);
+    max_scale = std::sqrt(area / (height * width));
+  }
+  for (int i = 0; i < 100; ++i) {
+    const double scale = max_scale - (max_scale - min_scale) * i / 100;
+    const int64_t ph = pad(static_cast<int64_t>(height * scale)), pw = pad(static_cast<int64_t>(width * scale));
+    if (ph * pw <= max_area && ph >= kStep && pw >= kStep) return {static_cast<int>(pw), static_cast<int>(ph)};
+  }
+  // Extreme aspects: the aspect kept as well as whole 64-pixel steps allow.
+  const double aspect = width / height;
+  int64_t tw = static_cast<int64_t>(std::sqrt(area * aspect) / kStep) * kStep;
+  int64_t th = static_cast<int64_t>(std::sqrt(area / aspect) / kStep) * kStep;
+  if (tw >= w || th >= h) {
+    tw = w / kStep * kStep;
+    th = h / kStep * kStep;
+  }
+  tw = std::max(tw, kStep);
+  th = std::max(th, kStep);
+  while (tw * th > max_area && (tw > kStep || th > kStep)) (tw >= th ? tw : th) -= kStep;
+  return {static_cast<int>(tw), static_cast<int>(th)};
 }
 
 void register_backend(const std::string& name, BackendFactory factory) {

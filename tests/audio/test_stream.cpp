@@ -81,6 +81,29 @@ TEST(AudioStream, PopWaitsForMinFramesAndLookahead) {
   EXPECT_GE(stream.pop().size(2), 12);
 }
 
+// exact_groups: the features do not depend on the chunking of the audio nor on when pop() was called.
+TEST(AudioStream, ExactGroupsMakeFeaturesIndependentOfChunking) {
+  const auto audio = at::rand({40000}) - 0.5;  // 2.5 s: 63 frames, 5 whole groups of 12 and a tail of 3
+  auto run = [&](int64_t chunk, bool pop_each) {
+    StreamOptions o;
+    o.exact_groups = true;
+    AudioStream stream(encoder(), o);
+    std::vector<at::Tensor> parts;
+    for (int64_t at = 0; at < audio.size(0); at += chunk) {
+      stream.push(audio.slice(0, at, std::min<int64_t>(at + chunk, audio.size(0))));
+      if (pop_each) parts.push_back(stream.pop());
+    }
+    parts.push_back(stream.finish());
+    return at::cat(parts, 2);
+  };
+  const auto whole = run(40000, false);
+  ASSERT_EQ(whole.size(2), 63);
+  for (const auto& [chunk, pop_each] : {std::pair<int64_t, bool>{333, true}, {7680, true}, {1000, false}}) {
+    const auto other = run(chunk, pop_each);
+    EXPECT_TRUE(at::equal(other, whole)) << "chunks of " << chunk << (pop_each ? ", pop after each" : "");
+  }
+}
+
 TEST(AudioStream, PushAfterFinishIsAnError) {
   AudioStream stream(encoder());
   stream.finish();

@@ -226,3 +226,30 @@ TEST(Engine, ChangingTheReferenceKeepsTheOutputSize) {
   EXPECT_EQ(e->output_size().width, 256);
   EXPECT_EQ(e->output_size().height, 256);
 }
+
+// The neural backend's size rule, against values computed with upstream's get_size_less_than_area.
+TEST(Engine, ModelOutputSizeFollowsTheReferenceAspectUnderTheArea) {
+  struct Case {
+    int w, h;
+    int64_t area;
+    int ow, oh;
+  };
+  const Case cases[] = {
+      {512, 512, liveavatar::kDefaultMaxArea, 512, 512},   {1024, 1024, liveavatar::kDefaultMaxArea, 512, 512},
+      {384, 704, liveavatar::kDefaultMaxArea, 384, 704},   {704, 384, liveavatar::kDefaultMaxArea, 704, 384},
+      {1920, 1080, liveavatar::kDefaultMaxArea, 704, 384}, {1080, 1920, liveavatar::kDefaultMaxArea, 384, 704},
+      {3000, 2000, liveavatar::kDefaultMaxArea, 576, 384}, {3000, 2000, 720 * 400, 640, 448},
+      {100, 100, liveavatar::kDefaultMaxArea, 128, 128},   {64, 4000, liveavatar::kDefaultMaxArea, 64, 4032},
+      {333, 517, liveavatar::kDefaultMaxArea, 384, 576},   {4096, 64, liveavatar::kDefaultMaxArea, 4096, 64},
+  };
+  for (const auto& c : cases) {
+    const auto s = liveavatar::model_output_size(c.w, c.h, c.area);
+    EXPECT_EQ(s.width, c.ow) << c.w << "x" << c.h << " under " << c.area;
+    EXPECT_EQ(s.height, c.oh) << c.w << "x" << c.h << " under " << c.area;
+    EXPECT_EQ(s.width % 64, 0);
+    EXPECT_EQ(s.height % 64, 0);
+    EXPECT_LE(static_cast<int64_t>(s.width) * s.height, c.area);
+  }
+  EXPECT_THROW(liveavatar::model_output_size(32, 512), Error);
+  EXPECT_THROW(liveavatar::model_output_size(512, 512, 1000), Error);
+}

@@ -157,6 +157,9 @@ struct StreamOptions {
   double left_context_s = 2.0;   // audio before the frames being encoded (bounded: the cost per frame is constant)
   double lookahead_s = 0.0;      // audio after them that a frame waits for (adds latency)
   int64_t min_frames = 12;       // encode at least this many video frames per wav2vec2 call (12 = one DiT block)
+  // Encode in groups of exactly min_frames frames at fixed positions (the last group at finish() may be shorter):
+  // the features then do not depend on how the audio was chunked or when pop() was called.
+  bool exact_groups = false;
   FeatureOptions features;       // video_fps, feature grid and m (batch_frames is ignored: no padding)
 };
 
@@ -178,6 +181,7 @@ class AudioStream {
 
  private:
   at::Tensor encode_frames(int64_t first, int64_t count, bool at_end);
+  at::Tensor encode_groups(int64_t groups);  // `groups` x min_frames frames, one wav2vec2 window each
   int64_t frames_ready(bool at_end) const;
 
   const AudioEncoder* encoder_;

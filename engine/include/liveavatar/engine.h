@@ -8,16 +8,26 @@
 //   engine->push_audio(samples, n);                     // any chunk size, mono float at config.sample_rate
 //   while (engine->pop_frame(&frame)) { ... }           // frames in order, frame.index = 0, 1, 2, ...
 //   engine->finish();                                   // end of audio: flushes the tail
-//   while (engine->pop_frame(&frame)) { ... }
+//   while (engine->pop_frame(&frame)) { ... }           // after finish() this waits for every last frame
+//
+// Generation worker: with worker = "thread" (the default for the neural backend) the model work (audio features,
+// DiT blocks, VAE) runs on a thread owned by the Engine. push_audio() then only validates and enqueues; frames
+// appear in a bounded queue as blocks finish. pop_frame() never waits while the stream is open (false: nothing
+// ready yet); wait_frame() waits up to a timeout; after finish() both wait until the next frame or the end. An
+// error on the worker is thrown (as the same Error) by the next push_audio() / push_silence() / finish() /
+// pop_frame() / wait_frame(), and again until reset(). With worker = "inline" the same calls do the work in the
+// caller's thread; both modes give the same frames.
 //
 // Timing contract: frame n shows the audio samples [n * spf, (n + 1) * spf) where spf = samples_per_frame()
 // (640 at 16 kHz and 25 fps). After finish(), exactly ceil(samples / spf) frames have been produced: the last one
 // covers the tail, none goes beyond it, and zero samples give zero frames.
 //
-// Thread-safety: an Engine serves one stream. Its methods must not be called concurrently (the caller serialises);
-// distinct Engines are independent. Errors are thrown as liveavatar::Error whose what() tells the user what to do.
+// Thread-safety: an Engine serves one stream. Its methods must not be called concurrently (the caller serialises),
+// except cancel(), latency() and stats(), which any thread may call at any time; distinct Engines are independent.
+// Errors are thrown as liveavatar::Error whose what() tells the user what to do.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -33,7 +43,7 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/// Thrown by push_audio() / push_silence() / finish() when cancel() stopped them between two blocks.
+/// Thrown by push_audio() / push_silence() / finish() / pop_frame() / wait_frame() after cancel(), until reset().
 class Cancelled : public Error {
  public:
   Cancelled() : Error("cancelled") {}
@@ -69,10 +79,19 @@ constexpr int kMaxDefaultSide = 1024;
 /// is at most kMaxDefaultSide, rounded down to multiples of 16. Throws Error for images below kMinReferenceSide.
 Size default_output_size(int reference_width, int reference_height);
 
+/// Pixel area the neural backend's output stays under when width/height are not set (upstream's 704*384 setting).
+constexpr int64_t kDefaultMaxArea = 704 * 384;
+
+/// The neural model's output size for a reference of w x h, as LiveAvatar chooses it: the reference's aspect, each
+/// side padded up to a multiple of 64, the largest such size whose area is at most max_area (a reference already
+/// under the area keeps its scale). The picture is then scaled to cover it and centre-cropped. Throws Error for
+/// images below kMinReferenceSide or a max_area below 64 x 64.
+Size model_output_size(int reference_width, int reference_height, int64_t max_area = kDefaultMaxArea);
+
 struct EngineConfig {
   std::string backend = "puppet";  // "puppet" (CPU, no weights) or "liveavatar" (the neural model, needs model_dir)
-  int width = 0;                   // output width, 0 = default_output_size() of the reference
-  int height = 0;                  // output height, 0 = default_output_size() of the reference
+  int width = 0;                   // output width, 0 = the backend's default for the reference (puppet:
+  int height = 0;                  // default_output_size(), liveavatar: model_output_size()); liveavatar: x 64
   uint64_t seed = 0;               // same seed + same input = same frames
   int fps_n = 25;                  // output frame rate; sample_rate * fps_d / fps_n must be an integer
   int fps_d = 1;
@@ -86,6 +105,26 @@ struct EngineConfig {
   std::string prompt;                // text prompt (umT5), encoded once and cached
   std::string precision = "fp32";    // fp32 | bf16: dtype of the DiT
   std::string device = "cpu";        // cpu | cuda
+  int64_t max_area = 0;              // output area cap when width/height are 0; 0 = kDefaultMaxArea (704 x 384)
+
+  // Generation worker (see the top of this file): "thread" = a worker thread does the model work, "inline" = the
+  // caller's thread does, "auto" = thread for backends that work in blocks (liveavatar), inline for the puppet
+  // (which renders each frame when it is taken, so a new picture shows from the very next frame).
+  std::string worker = "auto";
+  int max_queued_frames = 0;  // bound of the frame queue of the worker; 0 = two blocks, at least 25 frames
+};
+
+/// What the engine is doing, for the element's latency, QoS and stats messages and for the bench.
+struct EngineStats {
+  bool threaded = false;        // a worker thread does the model work
+  int frames_per_block = 1;     // frames the backend makes at once (12 for liveavatar, 1 for the puppet)
+  int64_t frames_taken = 0;     // frames returned by pop_frame() / wait_frame() in this stream
+  int64_t frames_queued = 0;    // made, waiting in the frame queue
+  int64_t frames_pending = 0;   // audio of these frames is in, the frames are not made yet
+  int64_t blocks_done = 0;      // blocks made in this stream
+  double ms_per_block = 0;      // processing time of one block: moving average over recent blocks (0: none yet)
+  double ms_last_block = 0;     // processing time of the last block
+  double ms_first_frame = 0;    // from the first audio of the stream to its first frame being ready (0: not yet)
 };
 
 /// Where the backend found (or assumed) the face, in output pixels.
@@ -122,8 +161,13 @@ class Engine {
   virtual void push_audio(const float* samples, size_t count) = 0;
   /// Appends `count` samples of silence: a live caller uses it when audio is late, so the avatar idles.
   virtual void push_silence(size_t count) = 0;
-  /// Moves the next frame into *frame; false when none is ready.
+  /// Moves the next frame into *frame; false when none is ready. Never waits before finish(); after finish() it
+  /// waits for the worker and returns false only when every frame of the stream has been taken.
   virtual bool pop_frame(Frame* frame) = 0;
+  /// Like pop_frame(), but waits up to `timeout` for the next frame; false on time-out or at the end.
+  virtual bool wait_frame(Frame* frame, std::chrono::milliseconds timeout) = 0;
+  /// True after finish() once every frame has been taken.
+  virtual bool done() const = 0;
   /// Ends the audio stream: the partial last frame (if any) becomes available to pop_frame().
   virtual void finish() = 0;
   /// Starts a new stream (frame index 0, fresh random state) keeping the reference and size.
@@ -134,9 +178,15 @@ class Engine {
   /// Warnings since the last call (e.g. "no face found"), for the caller to show.
   virtual std::vector<std::string> take_warnings() = 0;
 
-  /// Asks a running push_audio() / push_silence() / finish() to stop at the next block boundary (it then throws
-  /// Cancelled). The only method that may be called from another thread. reset() clears the request.
+  /// Stops the work in progress at the next denoising step or block boundary; from then on push_audio(),
+  /// push_silence(), finish(), pop_frame() and wait_frame() throw Cancelled until reset(), which clears it and
+  /// makes the engine reusable (the conditioning of the current picture is kept). Any thread may call it.
   virtual void cancel() = 0;
+
+  /// Delay from the audio of a frame arriving to that frame being ready: one block of audio to collect, plus the
+  /// processing time of a block, plus the blocks of audio queued ahead of it. Any thread may call it.
+  virtual std::chrono::nanoseconds latency() const = 0;
+  virtual EngineStats stats() const = 0;
 };
 
 /// Names of the registered backends, for help texts.

@@ -140,6 +140,10 @@ class StreamingDecoder {
   at::Tensor decode_block(const at::Tensor& latents);
   /// Forgets the stream (the next call starts a new one).
   void reset();
+  /// An independent decoder in the same state. The caches' tensors are shared: layers replace them, never write
+  /// into them, so the copy costs no tensor memory until one of the two decodes again. A backend keeps a primed
+  /// decoder and forks it for each new stream instead of priming again.
+  StreamingDecoder fork() const;
 
   /// decode_block() calls since the last reset().
   int64_t blocks_decoded() const { return blocks_; }

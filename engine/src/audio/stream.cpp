@@ -73,13 +73,27 @@ at::Tensor AudioStream::pop() {
     const auto& c = encoder_->config();
     return at::zeros({c.num_hidden_states(), c.hidden_size * (2 * options_.features.m + 1), 0});
   }
+  if (options_.exact_groups) return encode_groups(n / options_.min_frames);
   return encode_frames(frames_out_, n, /*at_end=*/false);
 }
 
 at::Tensor AudioStream::finish() {
   finished_ = true;
+  at::Tensor head;
+  if (options_.exact_groups) {
+    // The whole groups exactly as pop() would have encoded them, then the tail.
+    const int64_t whole = (frames_ready(/*at_end=*/false) - frames_out_) / std::max<int64_t>(options_.min_frames, 1);
+    if (whole > 0) head = encode_groups(whole);
+  }
   const int64_t n = frames_ready(/*at_end=*/true) - frames_out_;
-  return encode_frames(frames_out_, std::max<int64_t>(n, 0), /*at_end=*/true);
+  const auto tail = encode_frames(frames_out_, std::max<int64_t>(n, 0), /*at_end=*/true);
+  return head.defined() ? at::cat({head, tail}, 2) : tail;
+}
+
+at::Tensor AudioStream::encode_groups(int64_t groups) {
+  std::vector<at::Tensor> parts;
+  for (int64_t g = 0; g < groups; ++g) parts.push_back(encode_frames(frames_out_, options_.min_frames, false));
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 2);
 }
 
 at::Tensor AudioStream::encode_frames(int64_t first, int64_t count, bool at_end) {

@@ -187,7 +187,10 @@ std::shared_ptr<Models> shared_models(const EngineConfig& c) {
 class LiveAvatarBackend final : public Backend {
  public:
   explicit LiveAvatarBackend(const EngineConfig& config)
-      : config_(config), models_(shared_models(config)), spf_(config.sample_rate * config.fps_d / config.fps_n) {
+      : config_(config),
+        models_(shared_models(config)),
+        spf_(config.sample_rate * config.fps_d / config.fps_n),
+        max_area_(config.max_area > 0 ? config.max_area : kDefaultMaxArea) {
     if (config.sample_rate != 16000 || config.fps_n != 25 || config.fps_d != 1)
       throw Error("backend=liveavatar runs at 16000 Hz audio and 25 fps video");
     text::EmbeddingCache cache(models_->text_options);
@@ -198,17 +201,30 @@ class LiveAvatarBackend final : public Backend {
   void set_reference(const RgbImage& image, Size output, std::vector<std::string>* warnings) override {
     (void)warnings;
     reference_ = image;
+    encoded_.reset();  // a new picture: encode it again (lazily, on the worker, at the next audio)
     set_output_size(output);
   }
 
+  Size default_size(int reference_width, int reference_height) const override {
+    return model_output_size(reference_width, reference_height, max_area_);
+  }
+
+  void check_size(Size output) const override {
+    if (output.width % 64 || output.height % 64)
+      throw Error("backend=liveavatar makes frames whose width and height are multiples of 64 (the VAE downsamples "
+                  "by 8, the DiT patches 2x2 and its FramePack packs 4x4 patches), got " +
+                  std::to_string(output.width) + "x" + std::to_string(output.height) +
+                  ": leave width and height at 0 for the model's size (704x384 area for the portrait's aspect), set "
+                  "max-area, or set both to multiples of 64");
+  }
+
   void set_output_size(Size output) override {
-    if (output.width % 16 || output.height % 16)
-      throw Error("backend=liveavatar needs width and height in multiples of 16 (the VAE downsamples by 8 and the "
-                  "DiT patches 2x2), got " + std::to_string(output.width) + "x" + std::to_string(output.height));
+    check_size(output);
     if (session_ && session_->blocks_done() > 0 && (output.width != size_.width || output.height != size_.height))
       throw Error("backend=liveavatar cannot change the output size in the middle of a stream");
+    if (output.width != size_.width || output.height != size_.height) encoded_.reset();
     size_ = output;
-    conditioned_ = false;  // encoded lazily, at the first audio, so negotiation does not encode twice
+    session_.reset();  // conditioned lazily, at the first audio, so negotiation does not encode twice
   }
 
   FaceLayout face_layout() const override {
@@ -216,6 +232,9 @@ class LiveAvatarBackend final : public Backend {
     l.face = {0, 0, size_.width, size_.height};
     return l;
   }
+
+  int frames_per_block() const override { return static_cast<int>(block_frames()); }
+  bool prefers_worker() const override { return true; }
 
   void push_audio_frames(const float* samples, int frames) override {
     c10::NoGradGuard no_grad;
@@ -246,19 +265,27 @@ class LiveAvatarBackend final : public Backend {
 
   void set_cancel_flag(const std::atomic<bool>* flag) override { cancel_ = flag; }
 
+  // A new stream with the same picture and size keeps its encoded conditioning (VAE latents, primed decoder).
   void reset() override {
     session_.reset();
     decoder_.reset();
     audio::StreamOptions so;
     so.min_frames = block_frames();
+    so.exact_groups = true;  // the same features however the audio arrives (inline or worker, any chunk size)
     stream_ = std::make_unique<audio::AudioStream>(*models_->audio, so);
     features_ = at::Tensor();
     ready_.clear();
     frames_queued_ = 0;
-    conditioned_ = false;
   }
 
  private:
+  // What the VAE made of the current picture at the current size: kept across streams.
+  struct Encoded {
+    at::Tensor ref_latent;  // [16, 1, h, w]
+    at::Tensor motion;      // [16, 19, h, w]
+    std::unique_ptr<vae::StreamingDecoder> primed;  // primed with motion[:, :, :7]; forked for each stream
+  };
+
   int64_t block_frames() const { return 4 * models_->dit_config.frames_per_block; }
   int64_t pending_frames() const { return features_.defined() ? features_.size(2) : 0; }
 
@@ -267,9 +294,13 @@ class LiveAvatarBackend final : public Backend {
     features_ = features_.defined() ? at::cat({features_, f.to(at::kFloat)}, 2) : f.to(at::kFloat);
   }
 
-  // Reference + motion latents and the conditioning sink, for the current picture and size.
-  void condition() {
-    if (conditioned_) return;
+  void throw_if_cancelled() const {
+    if (cancel_ && cancel_->load()) throw Cancelled();
+  }
+
+  // Reference + motion latents of the current picture and size (once per picture), then the stream's DiT session
+  // (the conditioning sink) and its decoder.
+  void encode_reference() {
     if (reference_.data.empty()) throw Error("backend=liveavatar: no reference image");
     const int64_t w = size_.width, h = size_.height;
     // Cover-fit the portrait to the output size (scale, centre crop), as upstream's resize_and_centercrop.
@@ -285,24 +316,36 @@ class LiveAvatarBackend final : public Backend {
     img = img.narrow(2, (sh - h) / 2, h).narrow(3, (sw - w) / 2, w);
     const auto device = models_->vae->device();
     auto ref = (img / 127.5 - 1.0).clamp(-1.0, 1.0).unsqueeze(2).to(device);  // [1, 3, 1, H, W] in [-1, 1]
-    const auto ref_latent = models_->vae->encode(ref);                          // [1, 16, 1, h, w]
-    const auto motion = models_->vae->encode(ref.expand({1, 3, models_->dit_config.motion_frames, h, w}).contiguous());
+    auto e = std::make_unique<Encoded>();
+    e->ref_latent = models_->vae->encode(ref)[0];  // [16, 1, h, w]
+    throw_if_cancelled();
+    e->motion = models_->vae->encode(ref.expand({1, 3, models_->dit_config.motion_frames, h, w}).contiguous())[0];
+    throw_if_cancelled();
+    e->primed = std::make_unique<vae::StreamingDecoder>(*models_->vae);
+    e->primed->prime(e->motion.unsqueeze(0).narrow(2, 0, std::min<int64_t>(7, e->motion.size(1))));
+    encoded_ = std::move(e);
+  }
+
+  void condition() {
+    if (session_) return;
+    if (!encoded_) encode_reference();
+    throw_if_cancelled();
     dit::SessionOptions so;
     so.seed = config_.seed;
     so.rope_seed = config_.seed;
-    session_ = std::make_unique<dit::Session>(*models_->dit, so);
-    session_->set_condition(ref_latent[0].to(models_->dit->dtype()), motion[0].to(models_->dit->dtype()),
-                            text_context_.to(models_->dit->device(), models_->dit->dtype()));
-    decoder_ = std::make_unique<vae::StreamingDecoder>(*models_->vae);
-    decoder_->prime(motion.narrow(2, 0, std::min<int64_t>(7, motion.size(2))));
-    conditioned_ = true;
+    auto session = std::make_unique<dit::Session>(*models_->dit, so);
+    const auto dtype = models_->dit->dtype();
+    session->set_condition(encoded_->ref_latent.to(dtype), encoded_->motion.to(dtype),
+                           text_context_.to(models_->dit->device(), dtype));
+    decoder_ = std::make_unique<vae::StreamingDecoder>(encoded_->primed->fork());
+    session_ = std::move(session);
   }
 
   void run_blocks(bool at_end) {
     const int64_t n = block_frames();
     while (pending_frames() >= n || (at_end && pending_frames() > 0)) {
       // A block takes long on real weights: a flush or a stop must not wait for the rest of the audio.
-      if (cancel_ && cancel_->load()) throw Cancelled();
+      throw_if_cancelled();
       at::Tensor audio = features_.narrow(2, 0, std::min(n, pending_frames()));
       features_ = pending_frames() > n ? features_.narrow(2, n, pending_frames() - n).contiguous() : at::Tensor();
       if (audio.size(2) < n)
@@ -340,11 +383,12 @@ class LiveAvatarBackend final : public Backend {
   EngineConfig config_;
   std::shared_ptr<Models> models_;
   int spf_;
+  int64_t max_area_;
   at::Tensor text_context_;
   RgbImage reference_;
   Size size_;
-  bool conditioned_ = false;
-  std::unique_ptr<dit::Session> session_;
+  std::unique_ptr<Encoded> encoded_;
+  std::unique_ptr<dit::Session> session_;  // null until conditioned for the current stream
   std::unique_ptr<vae::StreamingDecoder> decoder_;
   std::unique_ptr<audio::AudioStream> stream_;
   at::Tensor features_;  // [layers, dim, frames] not yet given to the DiT

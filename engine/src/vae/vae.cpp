@@ -273,6 +273,14 @@ StreamingDecoder::StreamingDecoder(const WanVae& vae) : vae_(&vae), state_(std::
 StreamingDecoder::~StreamingDecoder() = default;
 StreamingDecoder::StreamingDecoder(StreamingDecoder&&) noexcept = default;
 
+StreamingDecoder StreamingDecoder::fork() const {
+  StreamingDecoder copy(*vae_);
+  *copy.state_ = *state_;
+  copy.blocks_ = blocks_;
+  copy.frames_ = frames_;
+  return copy;
+}
+
 void StreamingDecoder::reset() {
   state_->cache.clear();
   state_->shape.clear();

@@ -1,0 +1,153 @@
+// The neural backend behind the Engine API on a make-tiny checkpoint, in both worker modes: the same frames inline
+// and threaded, exact length, a reset that keeps the conditioning and repeats the stream, cancel from another
+// thread mid-stream, and the model's output size rule.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <thread>
+
+#include "checkpoint_tool.h"
+#include "layout.h"
+#include "test_util.h"
+
+using liveavatar::Cancelled;
+using liveavatar::Engine;
+using liveavatar::Error;
+using liveavatar::Frame;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct TinyCheckpoint {
+  std::string dir;
+  TinyCheckpoint() {
+    char tmpl[] = "/tmp/liveavatar-engine-neural-XXXXXX";
+    dir = mkdtemp(tmpl);
+    liveavatar::weights::make_tiny_checkpoint(dir, liveavatar::weights::ModelConfig::tiny(), /*seed=*/0);
+    setenv("XDG_CACHE_HOME", (dir + "/cache").c_str(), 1);  // prompt embeddings of this test only
+  }
+  ~TinyCheckpoint() { (void)std::system(("rm -rf '" + dir + "'").c_str()); }
+};
+
+const TinyCheckpoint& tiny() {
+  static TinyCheckpoint t;
+  return t;
+}
+
+liveavatar::EngineConfig neural_config(const std::string& worker, int size = 64) {
+  liveavatar::EngineConfig c;
+  c.backend = "liveavatar";
+  c.model_dir = tiny().dir;
+  c.width = c.height = size;
+  c.seed = 11;
+  c.worker = worker;
+  return c;
+}
+
+std::unique_ptr<Engine> neural(const std::string& worker, int size = 64) {
+  EXPECT_TRUE(liveavatar::register_neural_backend());
+  auto e = Engine::create(neural_config(worker, size));
+  e->set_reference(testutil::portrait().view());
+  return e;
+}
+
+std::vector<float> speech_samples(size_t n) {
+  const auto& s = testutil::speech();
+  return std::vector<float>(s.begin() + 16000, s.begin() + 16000 + static_cast<std::ptrdiff_t>(n));
+}
+
+}  // namespace
+
+TEST(EngineNeural, SameFramesInlineAndThreaded) {
+  const auto audio = speech_samples(16160);  // 1.01 s: 26 frames, the last block padded
+  auto a = neural("inline");
+  auto b = neural("auto");
+  EXPECT_FALSE(a->stats().threaded);
+  EXPECT_TRUE(b->stats().threaded) << "auto runs the neural backend on a worker";
+  EXPECT_EQ(b->stats().frames_per_block, 12);
+  const auto fa = testutil::render(*a, audio, 1600);
+  const auto fb = testutil::render(*b, audio, 1600);
+  ASSERT_EQ(fa.size(), 26u);
+  ASSERT_EQ(fb.size(), 26u);
+  for (size_t i = 0; i < fa.size(); ++i) {
+    ASSERT_EQ(fb[i].index, static_cast<int64_t>(i));
+    ASSERT_EQ(fa[i].rgb, fb[i].rgb) << "frame " << i;
+  }
+  const auto st = b->stats();
+  EXPECT_EQ(st.blocks_done, 3);
+  EXPECT_GT(st.ms_per_block, 0);
+  EXPECT_GT(st.ms_first_frame, 0);
+  EXPECT_GE(b->latency(), 480ms) << "at least one block of audio";
+}
+
+TEST(EngineNeural, ResetKeepsTheConditioningAndRepeatsTheStream) {
+  const auto audio = speech_samples(12000);
+  auto e = neural("thread");
+  const auto first = testutil::render(*e, audio, 4000);
+  e->reset();
+  const auto second = testutil::render(*e, audio, 4000);
+  ASSERT_EQ(first.size(), 19u);
+  ASSERT_EQ(second.size(), first.size());
+  for (size_t i = 0; i < first.size(); ++i) ASSERT_EQ(first[i].rgb, second[i].rgb) << "frame " << i;
+}
+
+TEST(EngineNeural, CancelFromAnotherThreadMidStreamThenReset) {
+  const auto audio = speech_samples(48000);  // 3 s: 7 blocks
+  auto e = neural("thread");
+  e->push_audio(audio.data(), audio.size());
+  Frame f;
+  ASSERT_TRUE(e->wait_frame(&f, 60000ms));  // the first block is out, more are being made
+  std::thread other([&] { e->cancel(); });
+  other.join();
+  EXPECT_THROW(e->wait_frame(&f, 60000ms), Cancelled);
+  EXPECT_THROW(e->push_audio(audio.data(), 640), Cancelled);
+  const auto t0 = std::chrono::steady_clock::now();
+  e->reset();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5000ms) << "reset waits for at most the step in progress";
+  // The engine is reusable and deterministic after the cancelled stream.
+  const auto again = testutil::render(*e, speech_samples(8000), 8000);
+  auto fresh = neural("thread");
+  const auto ref = testutil::render(*fresh, speech_samples(8000), 8000);
+  ASSERT_EQ(again.size(), 13u);
+  ASSERT_EQ(ref.size(), again.size());
+  for (size_t i = 0; i < ref.size(); ++i) ASSERT_EQ(again[i].rgb, ref[i].rgb) << "frame " << i;
+}
+
+TEST(EngineNeural, OutputSizeFollowsTheModelRule) {
+  ASSERT_TRUE(liveavatar::register_neural_backend());
+  auto c = neural_config("thread", 0);
+  c.width = c.height = 0;
+  auto e = Engine::create(c);
+  e->set_reference(testutil::portrait().view());  // 512 x 512: under 704 x 384 in area, kept
+  EXPECT_EQ(e->output_size().width, 512);
+  EXPECT_EQ(e->output_size().height, 512);
+  std::vector<uint8_t> wide(1920 * 1080 * 3, 90);
+  e->set_reference({wide.data(), 1920, 1080, 1920 * 3, liveavatar::PixelFormat::kRGB8});
+  EXPECT_EQ(e->output_size().width, 704);
+  EXPECT_EQ(e->output_size().height, 384);
+  c.max_area = 256 * 256;
+  auto small = Engine::create(c);
+  small->set_reference({wide.data(), 1920, 1080, 1920 * 3, liveavatar::PixelFormat::kRGB8});
+  EXPECT_EQ(small->output_size().width, 320);
+  EXPECT_EQ(small->output_size().height, 192);
+}
+
+TEST(EngineNeural, SizeTheModelCannotMakeIsAClearError) {
+  ASSERT_TRUE(liveavatar::register_neural_backend());
+  auto c = neural_config("thread", 0);
+  c.width = 720;
+  c.height = 400;
+  try {
+    Engine::create(c);
+    FAIL() << "720x400 accepted";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("multiples of 64"), std::string::npos) << err.what();
+  }
+  c.width = c.height = 128;
+  auto e = Engine::create(c);
+  EXPECT_THROW(e->set_output_size({200, 128}), Error);
+  EXPECT_EQ(e->output_size().width, 128) << "a refused size leaves the size as it was";
+}
