@@ -179,6 +179,7 @@ struct _GstLiveAvatarPrivate {
   // Seeks: the seqnum of the last one handled (a pipeline sends one per sink), and of the last FLUSH_STOP that
   // reached the image pad (tells whether the image branch flushed for a seek).
   std::atomic<guint32> last_seek_seqnum{GST_SEQNUM_INVALID};
+  std::atomic<bool> last_seek_result{false};
   std::atomic<guint32> image_flush_seqnum{GST_SEQNUM_INVALID};
 };
 
@@ -825,8 +826,7 @@ static void flush_image_pad_for_seek(GstLiveAvatar* self, guint32 seqnum) {
 // Seeks go to the audio branch, which defines the timeline. A flushing seek first reaches the image branch, which
 // either flushes itself (imagefreeze: the picture restarts at the new position) or is flushed here (a still-picture
 // decoder), so that GstAggregator sees both pads flush and restarts the output. A non-flushing seek (looping a
-// segment) only concerns the audio. A seek the audio cannot do fails
-// without flushing anything, and playback goes on.
+// segment) only concerns the audio. A seek the audio cannot do fails without flushing anything, and playback goes on.
 static gboolean handle_seek(GstLiveAvatar* self, GstEvent* event) {
   GstLiveAvatarPrivate* priv = self->priv;
   gdouble rate;
@@ -839,8 +839,9 @@ static gboolean handle_seek(GstLiveAvatar* self, GstEvent* event) {
   if (priv->last_seek_seqnum.exchange(seqnum) == seqnum) {
     GST_DEBUG_OBJECT(self, "seek %u already handled (sent by another sink)", seqnum);
     gst_event_unref(event);
-    return TRUE;
+    return priv->last_seek_result.load();
   }
+  priv->last_seek_result = false;
   if (format != GST_FORMAT_TIME || rate <= 0) {
     GST_INFO_OBJECT(self, "refusing a seek in %s at rate %g: only forward seeks in time are possible",
                     gst_format_get_name(format), rate);
@@ -868,6 +869,7 @@ static gboolean handle_seek(GstLiveAvatar* self, GstEvent* event) {
     if (priv->image_flush_seqnum.load() != seqnum) flush_image_pad_for_seek(self, seqnum);
   }
   const gboolean ok = gst_pad_push_event(GST_PAD(self->audio_pad), event);
+  priv->last_seek_result = ok;
   GST_INFO_OBJECT(self, "seek %u %s", seqnum, ok ? "done" : "refused by the audio branch");
   return ok;
 }
