@@ -103,7 +103,7 @@ struct EngineConfig {
   std::string model_dir;             // folder holding Wan2.2-S2V-14B/ (and LiveAvatar/), or Wan2.2-S2V-14B itself
   std::string lora;                  // LiveAvatar LoRA; empty = <model_dir>/LiveAvatar/liveavatar.safetensors if there
   std::string prompt;                // text prompt (umT5), encoded once and cached
-  std::string precision = "fp32";    // fp32 | bf16: dtype of the DiT
+  std::string precision = "fp32";    // fp32 | bf16 | fp8 (e4m3 weights + scale, bf16 activations): the DiT
   std::string device = "cpu";        // cpu | cuda
   int64_t max_area = 0;              // output area cap when width/height are 0; 0 = kDefaultMaxArea (704 x 384)
 

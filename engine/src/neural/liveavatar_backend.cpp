@@ -124,29 +124,29 @@ struct Models {
     c10::NoGradGuard no_grad;
     const c10::Device device = c.device == "cuda" ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
     if (c.device != "cpu" && c.device != "cuda") throw Error("device must be cpu or cuda, got " + c.device);
-    if (c.precision != "fp32" && c.precision != "bf16")
-      throw Error("precision must be fp32 or bf16, got " + c.precision);
-    const auto dtype = c.precision == "bf16" ? c10::kBFloat16 : c10::kFloat;
+    if (c.precision != "fp32" && c.precision != "bf16" && c.precision != "fp8")
+      throw Error("precision must be fp32, bf16 or fp8, got " + c.precision);
 
     dit_config = dit::ModelConfig::from_json_file(files.dit_config);
     dit_config.validate();
-    auto dit_ckpt = exists(files.dit_index) ? weights::load_sharded_safetensors(files.dit_index)
-                                            : weights::load_safetensors(files.dit_single);
+    // Built directly on its device in its dtype and read tensor by tensor (no random values first, host memory
+    // near the largest tensor), the LoRA merged per tensor.
+    dit::LoadOptions lo;
+    lo.device = device;
+    lo.precision = dit::parse_precision(c.precision);
     if (!files.lora.empty()) {
       // The published LoRA is r = 128, alpha = 64. The file does not say so; the rank is in the tensors, and the
       // scale alpha / r = 0.5 is kept for any rank (a tiny test checkpoint uses r = 4, alpha = 2).
-      const auto lora = weights::load_safetensors(files.lora);
-      weights::LoraOptions lo;
+      const auto lora = weights::load_safetensors(files.lora);  // header only: the tensors stay mapped
       for (const auto& kv : lora.tensors)
         if (kv.first.find("lora_A") != std::string::npos && kv.second.dim() == 2) {
-          lo.rank = kv.second.size(0);
+          lo.lora_options.rank = kv.second.size(0);
           break;
         }
-      lo.alpha = 0.5 * static_cast<double>(lo.rank);
-      weights::merge_lora(dit_ckpt, lora, lo);
+      lo.lora_options.alpha = 0.5 * static_cast<double>(lo.lora_options.rank);
+      lo.lora = files.lora;
     }
-    dit = std::make_unique<dit::Model>(dit_config, device, dtype);
-    dit->load(dit_ckpt);
+    dit = std::make_unique<dit::Model>(dit_config, exists(files.dit_index) ? files.dit_index : files.dit_single, lo);
 
     auto vae_ckpt = weights::load_pth(files.vae);
     vae = std::make_unique<vae::WanVae>(infer_vae_config(vae_ckpt, files.vae), device, c10::kFloat);
@@ -333,6 +333,7 @@ class LiveAvatarBackend final : public Backend {
     dit::SessionOptions so;
     so.seed = config_.seed;
     so.rope_seed = config_.seed;
+    so.cancelled = [this] { return cancel_ && cancel_->load(); };  // checked between denoising steps
     auto session = std::make_unique<dit::Session>(*models_->dit, so);
     const auto dtype = models_->dit->dtype();
     session->set_condition(encoded_->ref_latent.to(dtype), encoded_->motion.to(dtype),
