@@ -23,9 +23,9 @@
 //   a.run_layers(in, sa, step);  b.run_layers(in, sb, step);   // in.hidden travels from a to b
 //   auto velocity = b.head(in);
 //
-// Loading builds every parameter uninitialised directly on the device in its final dtype, then copies the tensors
-// one at a time from the file mapping (LoRA merged and FP8 quantised per tensor, each tensor's file pages released
-// after it), so host memory stays near the largest tensor. The name check is strict over the whole checkpoint:
+// Loading builds every parameter uninitialised directly on the device in its final dtype, then reads the tensors
+// one at a time from the files (pread straight into a CPU parameter of the same dtype, else through one reused host
+// buffer; LoRA merged and FP8 quantised per tensor), so host memory stays near the largest tensor. The name check is strict over the whole checkpoint:
 // a key that belongs to no layer of the model, or a key of this shard that is missing or mis-shaped, fails.
 //
 // Thread-safety: a Model is immutable after construction and may be shared by several Sessions, each used from one
@@ -226,7 +226,8 @@ struct LoadOptions {
   weights::LoraOptions lora_options;
   /// FP8 scale layout when quantising on load (a pre-converted checkpoint brings its own; it must match).
   weights::Fp8Scaling fp8_scaling = weights::Fp8Scaling::kPerTensor;
-  /// Drop each source tensor's file pages once copied (host memory stays near one tensor, not the file size).
+  /// Drop each source tensor's mapped file pages once copied, when the tensors are read through the mapping (a
+  /// Checkpoint passed in); a path is read with pread and never maps them.
   bool release_pages = true;
 };
 
@@ -288,7 +289,7 @@ class Model {
   at::Tensor head(const BlockInputs& in) const;
 
  private:
-  void build(const weights::Checkpoint* checkpoint, const LoadOptions& options);
+  void build(const weights::Checkpoint* checkpoint, const LoadOptions& options, bool own_checkpoint);
   void require(bool what, const char* part) const;
   ModelConfig config_;
   c10::Device device_;

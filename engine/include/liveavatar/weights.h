@@ -214,6 +214,19 @@ LoraIndex index_lora(const Checkpoint& lora, const Layout& base, const LoraOptio
 /// temporaries stay chunk_rows x in (the GEMM per block may round differently from the whole one).
 at::Tensor apply_lora(const at::Tensor& w, const LoraPatch& patch, int64_t chunk_rows = 0);
 
+/// The bytes of a checkpoint file that a (contiguous CPU) tensor views through its file mapping.
+struct FileRange {
+  std::string path;
+  uint64_t offset = 0;
+  uint64_t size = 0;
+};
+/// Where `view` lies in its file, or nullopt when it does not view a live file mapping (a copy, a merged weight).
+std::optional<FileRange> file_range(const at::Tensor& view);
+/// Reads the range with pread into `dst` (large sequential reads; no page of it is mapped into the process, so
+/// loading this way leaves the process's resident memory alone). Reads the file, so in-place writes made to a
+/// mapped view are not seen. Throws WeightsError.
+void read_file_range(const FileRange& range, void* dst);
+
 /// Drops the resident pages under a CPU tensor that views a checkpoint file mapping (MADV_PAGEOUT), so reading a
 /// large checkpoint tensor by tensor keeps host memory at about one tensor; later reads fault the pages in again.
 /// Never changes the tensor's values; a no-op on other memory and on kernels without MADV_PAGEOUT.

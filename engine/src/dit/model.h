@@ -138,6 +138,9 @@ struct StreamLoadOptions {
   weights::LoraOptions lora_options;
   weights::Fp8Scaling fp8_scaling = weights::Fp8Scaling::kPerTensor;
   bool release_pages = false;
+  /// Read tensors that view a file mapping with pread (straight into a CPU parameter of the same dtype, else
+  /// through one reused host buffer) instead of faulting the mapping in. Only for checkpoints nobody wrote to.
+  bool read_files = false;
 };
 void load_streaming(CausalWanModelS2VImpl& module, const weights::Checkpoint& checkpoint,
                     const StreamLoadOptions& options);

@@ -110,15 +110,15 @@ Model::Model(const ModelConfig& config, c10::Device device, c10::ScalarType dtyp
 Model::Model(const ModelConfig& config, const std::string& dit_path, const LoadOptions& options)
     : config_(config), device_(options.device), dtype_(precision_dtype(options.precision)) {
   const auto checkpoint = open_dit(dit_path);
-  build(&checkpoint, options);
+  build(&checkpoint, options, /*own_checkpoint=*/true);
 }
 
 Model::Model(const ModelConfig& config, const weights::Checkpoint& checkpoint, const LoadOptions& options)
     : config_(config), device_(options.device), dtype_(precision_dtype(options.precision)) {
-  build(&checkpoint, options);
+  build(&checkpoint, options, /*own_checkpoint=*/false);
 }
 
-void Model::build(const weights::Checkpoint* checkpoint, const LoadOptions& options) {
+void Model::build(const weights::Checkpoint* checkpoint, const LoadOptions& options, bool own_checkpoint) {
   config_.validate();
   precision_ = options.precision;
   first_layer_ = options.first_layer;
@@ -147,6 +147,7 @@ void Model::build(const weights::Checkpoint* checkpoint, const LoadOptions& opti
   lo.lora_options = options.lora_options;
   lo.fp8_scaling = options.fp8_scaling;
   lo.release_pages = options.release_pages;
+  lo.read_files = own_checkpoint;  // opened here: nobody wrote to its mappings
   load_streaming(**module_, *checkpoint, lo);
 }
 

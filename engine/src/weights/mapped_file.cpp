@@ -10,6 +10,10 @@
 
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
+#include <map>
+#include <optional>
+#include <mutex>
 #include <sstream>
 
 #include "liveavatar/weights.h"
@@ -20,6 +24,14 @@ WeightsError::WeightsError(const std::string& file, const std::string& message)
     : Error(file.empty() ? message : file + ": " + message), file_(file) {}
 
 namespace detail {
+namespace {
+// Live file mappings by start address (for file_range): address -> (size, path).
+std::mutex g_mappings_mutex;
+std::map<uintptr_t, std::pair<uint64_t, std::string>>& mappings() {
+  static std::map<uintptr_t, std::pair<uint64_t, std::string>> m;
+  return m;
+}
+}  // namespace
 
 std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, bool populate) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -56,6 +68,10 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, bool popul
   f->size_ = static_cast<uint64_t>(st.st_size);
   f->mapped_ = true;
   f->path_ = path;
+  {
+    std::lock_guard<std::mutex> lock(g_mappings_mutex);
+    mappings()[reinterpret_cast<uintptr_t>(f->data_)] = {f->size_, path};
+  }
   return f;
 }
 
@@ -72,7 +88,13 @@ std::shared_ptr<MappedFile> MappedFile::from_memory(const void* data, size_t siz
 }
 
 MappedFile::~MappedFile() {
-  if (mapped_) ::munmap(data_, static_cast<size_t>(size_));
+  if (mapped_) {
+    {
+      std::lock_guard<std::mutex> lock(g_mappings_mutex);
+      mappings().erase(reinterpret_cast<uintptr_t>(data_));
+    }
+    ::munmap(data_, static_cast<size_t>(size_));
+  }
 }
 
 at::Tensor tensor_from_mapping(const std::shared_ptr<MappedFile>& file, uint64_t offset,
@@ -90,7 +112,43 @@ at::Tensor tensor_from_mapping(const std::shared_ptr<MappedFile>& file, uint64_t
   return t;
 }
 
+std::optional<FileRange> mapped_range(const void* data, uint64_t nbytes) {
+  const auto addr = reinterpret_cast<uintptr_t>(data);
+  std::lock_guard<std::mutex> lock(g_mappings_mutex);
+  auto it = mappings().upper_bound(addr);
+  if (it == mappings().begin()) return std::nullopt;
+  --it;
+  const uint64_t offset = addr - it->first;
+  if (offset + nbytes > it->second.first) return std::nullopt;
+  return FileRange{it->second.second, offset, nbytes};
+}
+
 }  // namespace detail
+
+std::optional<FileRange> file_range(const at::Tensor& view) {
+  if (!view.defined() || !view.device().is_cpu() || !view.is_contiguous() || view.nbytes() == 0) return std::nullopt;
+  return detail::mapped_range(view.data_ptr(), view.nbytes());
+}
+
+void read_file_range(const FileRange& range, void* dst) {
+  const int fd = ::open(range.path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw WeightsError(range.path, std::string("cannot open: ") + std::strerror(errno));
+  auto* out = static_cast<uint8_t*>(dst);
+  uint64_t done = 0;
+  while (done < range.size) {
+    const ssize_t r = ::pread(fd, out + done, static_cast<size_t>(std::min<uint64_t>(range.size - done, 1u << 30)),
+                              static_cast<off_t>(range.offset + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      const int err = errno;
+      ::close(fd);
+      throw WeightsError(range.path, "read failed at byte " + std::to_string(range.offset + done) + ": " +
+                                         (r == 0 ? std::string("end of file (the file shrank)") : std::strerror(err)));
+    }
+    done += static_cast<uint64_t>(r);
+  }
+  ::close(fd);
+}
 
 void release_pages(const at::Tensor& tensor) {
 #ifndef MADV_PAGEOUT

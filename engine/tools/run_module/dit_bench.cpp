@@ -50,12 +50,6 @@ double peak_rss_gib() {
   return static_cast<double>(ru.ru_maxrss) / (1024.0 * 1024.0);  // ru_maxrss is KiB on Linux
 }
 
-// Peak resident memory since the last reset (VmHWM, MiB); reset_peak() restarts it from the current RSS.
-void reset_peak() {
-  std::ofstream out("/proc/self/clear_refs");
-  out << "5";
-}
-
 // Drops a file from the page cache (clean pages only), so the next read comes from the disk.
 void evict(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -213,20 +207,19 @@ int load_bench(const std::string& dir, liveavatar::dit::Precision precision, boo
   uint64_t bytes = 0;
   const double read_s = raw_read_seconds(file, &bytes);
   evict(file);
-  const double anon0 = rss_mib("RssAnon:"), rss0 = rss_mib("VmRSS:");
-  reset_peak();
-  dit::LoadOptions lo;
-  lo.precision = precision;
-  auto t0 = Clock::now();
-  auto model = std::make_unique<dit::Model>(config, dir, lo);
-  const double load_s = seconds_since(t0);
-  const double peak_growth = rss_mib("VmHWM:") - rss0;
-  const double model_mib = static_cast<double>(model->parameter_bytes()) / (1024.0 * 1024.0);
-  const double anon_growth = rss_mib("RssAnon:") - anon0;
-  model.reset();
+  // The load runs in a fresh process (this binary, --load-only), so its peak resident set is the load's alone.
+  char exe[4096] = {0};
+  if (::readlink("/proc/self/exe", exe, sizeof exe - 1) <= 0) throw Error("cannot find this executable");
+  const std::string cmd = std::string(exe) + " --load-only '" + dir + "' --precision " +
+                          (precision == dit::Precision::kFp32 ? "fp32" : precision == dit::Precision::kBf16 ? "bf16" : "fp8");
+  FILE* child = ::popen(cmd.c_str(), "r");
+  if (!child) throw Error("cannot run " + cmd);
+  double load_s = -1, peak_growth = -1, model_mib = -1;
+  if (std::fscanf(child, "%lf %lf %lf", &load_s, &peak_growth, &model_mib) != 3 || ::pclose(child) != 0)
+    throw Error("the load process failed: " + cmd);
   // The previous path: the whole tree built with random values, then the checkpoint copied in.
   evict(file);
-  t0 = Clock::now();
+  const auto t0 = Clock::now();
   {
     dit::Model old(config, c10::kCPU, dit::precision_dtype(precision), 1);
     old.load(weights::load_safetensors(file));
@@ -242,12 +235,12 @@ int load_bench(const std::string& dir, liveavatar::dit::Precision precision, boo
                 "{\"load_bench\": \"medium\", \"precision\": \"%s\", \"parameters\": %llu, \"file_mib\": %.1f,"
                 " \"largest_tensor_mib\": %.2f, \"raw_read_s\": %.3f, \"raw_read_mib_s\": %.1f, \"load_s\": %.3f,"
                 " \"load_mib_s\": %.1f, \"load_vs_read\": %.3f, \"model_mib\": %.1f, \"host_peak_growth_mib\": %.1f,"
-                " \"host_peak_over_model_mib\": %.2f, \"anon_growth_mib\": %.1f, \"previous_build_and_load_s\": %.3f}\n",
+                " \"host_peak_over_model_mib\": %.2f, \"previous_build_and_load_s\": %.3f}\n",
                 precision == dit::Precision::kFp32 ? "fp32" : precision == dit::Precision::kBf16 ? "bf16" : "fp8",
                 static_cast<unsigned long long>(config.parameter_count()), static_cast<double>(bytes) / mib,
                 static_cast<double>(largest) / mib, read_s, static_cast<double>(bytes) / mib / read_s, load_s,
                 static_cast<double>(bytes) / mib / load_s, read_s / load_s, model_mib, peak_growth,
-                peak_growth - model_mib, anon_growth, previous_s);
+                peak_growth - model_mib, previous_s);
   std::fputs(buf, stdout);
   if (!json_path.empty()) {
     std::ofstream out(json_path);
@@ -265,7 +258,7 @@ int liveavatar_dit_bench_main(int argc, char** argv) {
   using namespace liveavatar;
   try {
     std::string which = "tiny", device_name = "cpu", dtype_name = "fp32", json_path, checkpoint_dir, load_dir;
-    std::string precision_name = "bf16";
+    std::string precision_name = "bf16", load_only;
     bool compare_previous = false, keep = false;
     int64_t blocks = 6, lat_h = -1, lat_w = -1, threads = 0;
     for (int i = 1; i < argc; ++i) {
@@ -283,6 +276,7 @@ int liveavatar_dit_bench_main(int argc, char** argv) {
       else if (a == "--checkpoint") checkpoint_dir = value();
       else if (a == "--compare-previous") compare_previous = true;
       else if (a == "--load-bench") load_dir = value();
+      else if (a == "--load-only") load_only = value();
       else if (a == "--precision") precision_name = value();
       else if (a == "--keep") keep = true;
       else if (a == "--latent") {
@@ -298,6 +292,18 @@ int liveavatar_dit_bench_main(int argc, char** argv) {
     if (blocks < 1 || blocks > 10000) throw Error("--blocks must be in [1, 10000]");
     if (threads > 0) at::set_num_threads(static_cast<int>(threads));
     if (!load_dir.empty()) return load_bench(load_dir, dit::parse_precision(precision_name), keep, json_path);
+    if (!load_only.empty()) {
+      // The child of --load-bench: load the medium checkpoint, print "seconds peak_growth_mib model_mib".
+      const double rss0 = rss_mib("VmRSS:");
+      dit::LoadOptions lo;
+      lo.precision = dit::parse_precision(precision_name);
+      const auto t0 = Clock::now();
+      dit::Model model(medium_config(), load_only, lo);
+      const double s = seconds_since(t0);
+      std::printf("%.4f %.2f %.2f\n", s, rss_mib("VmHWM:") - rss0,
+                  static_cast<double>(model.parameter_bytes()) / (1024.0 * 1024.0));
+      return 0;
+    }
     // --checkpoint DIR: the DiT of a checkpoint folder (config.json + sharded safetensors), e.g. one written by
     // `liveavatar-checkpoint make-tiny`, instead of random weights.
     const auto config = !checkpoint_dir.empty() ? dit::ModelConfig::from_json_file(checkpoint_dir + "/config.json")
