@@ -100,7 +100,8 @@ void load_streaming(CausalWanModelS2VImpl& module, const weights::Checkpoint& ck
   }
   // 2. Every parameter of this module has a source.
   std::vector<Source> plan;
-  for (const auto& p : module.named_parameters(/*recurse=*/true)) {
+  const auto own = module.named_parameters(/*recurse=*/true);  // kept: find() below points into it
+  for (const auto& p : own) {
     const std::string& name = p.key();
     const at::Tensor& target = p.value();
     if (ends_with(name, ".weight_scale")) continue;  // loaded with its weight_fp8
@@ -108,7 +109,7 @@ void load_streaming(CausalWanModelS2VImpl& module, const weights::Checkpoint& ck
       const std::string mod = strip(name, ".weight_fp8");
       if (ck.tensors.count(name) && ck.tensors.count(mod + ".weight_scale")) {
         const auto& scale = ck.tensors.at(mod + ".weight_scale");
-        const auto& want = module.named_parameters().find(mod + ".weight_scale");
+        const auto* want = own.find(mod + ".weight_scale");
         if (want && scale.sizes() != want->sizes())
           mismatch(mod + ".weight_scale", shape_str(want->sizes()) + " (the FP8 scaling this model was built with)",
                    scale);
