@@ -9,8 +9,7 @@
 #include <cstdlib>
 #include <thread>
 
-#include "checkpoint_tool.h"
-#include "layout.h"
+#include "../tiny_checkpoint.h"
 #include "test_util.h"
 
 using liveavatar::Cancelled;
@@ -21,21 +20,7 @@ using namespace std::chrono_literals;
 
 namespace {
 
-struct TinyCheckpoint {
-  std::string dir;
-  TinyCheckpoint() {
-    char tmpl[] = "/tmp/liveavatar-engine-neural-XXXXXX";
-    dir = mkdtemp(tmpl);
-    liveavatar::weights::make_tiny_checkpoint(dir, liveavatar::weights::ModelConfig::tiny(), /*seed=*/0);
-    setenv("XDG_CACHE_HOME", (dir + "/cache").c_str(), 1);  // prompt embeddings of this test only
-  }
-  ~TinyCheckpoint() { (void)std::system(("rm -rf '" + dir + "'").c_str()); }
-};
-
-const TinyCheckpoint& tiny() {
-  static TinyCheckpoint t;
-  return t;
-}
+using testutil::tiny;
 
 liveavatar::EngineConfig neural_config(const std::string& worker, int size = 64) {
   liveavatar::EngineConfig c;

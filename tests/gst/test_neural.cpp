@@ -12,8 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "checkpoint_tool.h"
-#include "layout.h"
+#include "../tiny_checkpoint.h"
 #include "liveavatar/engine.h"
 #include "media_io.h"
 
@@ -21,21 +20,7 @@ namespace {
 
 constexpr GstClockTime kFrame = GST_SECOND / 25;
 
-struct TinyCheckpoint {
-  std::string dir;
-  TinyCheckpoint() {
-    char tmpl[] = "/tmp/liveavatar-neural-XXXXXX";
-    dir = mkdtemp(tmpl);
-    liveavatar::weights::make_tiny_checkpoint(dir, liveavatar::weights::ModelConfig::tiny(), /*seed=*/0);
-    setenv("XDG_CACHE_HOME", (dir + "/cache").c_str(), 1);  // prompt embeddings of this test only
-  }
-  ~TinyCheckpoint() { (void)std::system(("rm -rf '" + dir + "'").c_str()); }
-};
-
-const TinyCheckpoint& tiny() {
-  static TinyCheckpoint t;
-  return t;
-}
+using testutil::tiny;
 
 GstBuffer* portrait_buffer() {
   static const auto img = liveavatar::io::read_png(std::string(LIVEAVATAR_ASSETS_DIR) + "/portrait.png");
