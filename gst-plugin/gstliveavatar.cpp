@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -486,7 +487,16 @@ static GstFlowReturn drain_frames(GstLiveAvatar* self, bool* waiting = nullptr) 
       *waiting = true;
       break;
     }
-    if (!st.engine->pop_frame(&f)) break;
+    bool got = st.engine->pop_frame(&f);
+    // Not live: wait for the blocks whose audio is in (two blocks pending guarantee one can be made: the audio
+    // features' lookahead is less than a block). Otherwise a muxer that interleaves this video with the same audio
+    // stalls the audio branch while the frames it needs sit in the engine's queue, and nothing calls us again.
+    while (!got && !self->priv->live && !self->priv->need_reset.load()) {
+      const liveavatar::EngineStats s = st.engine->stats();
+      if (!s.threaded || s.frames_pending < 2 * s.frames_per_block) break;
+      got = st.engine->wait_frame(&f, std::chrono::milliseconds(100));
+    }
+    if (!got) break;
     GstFlowReturn ret = push_frame(self, f);
     if (ret != GST_FLOW_OK) return ret;
     if (self->priv->need_reset.load()) break;  // a flush arrived: stop pushing stale frames
