@@ -7,8 +7,8 @@
 #include <cstdio>
 #include <fstream>
 
-#include "liveavatar/audio_encoder.h"
-#include "liveavatar/weights.h"
+#include "audio/audio_encoder.h"
+#include "weights/weights.h"
 #include "test_util.h"
 
 namespace liveavatar::audio {

@@ -5,8 +5,8 @@
 
 #include <cmath>
 
-#include "liveavatar/audio_encoder.h"
-#include "liveavatar/weights.h"
+#include "audio/audio_encoder.h"
+#include "weights/weights.h"
 #include "media_io.h"
 #include "test_util.h"
 

@@ -2,8 +2,8 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include <gtest/gtest.h>
 
-#include "liveavatar/audio_encoder.h"
-#include "liveavatar/weights.h"
+#include "audio/audio_encoder.h"
+#include "weights/weights.h"
 #include "test_util.h"
 #include "wav2vec2.h"
 

@@ -8,8 +8,8 @@
 #include <cstdio>
 #include <string>
 
-#include "liveavatar/dit.h"
-#include "liveavatar/weights.h"
+#include "dit/dit.h"
+#include "weights/weights.h"
 #include "model.h"
 #include "../golden.h"
 

@@ -12,8 +12,8 @@
 #include <string>
 #include <thread>
 
-#include "liveavatar/dit.h"
-#include "liveavatar/weights.h"
+#include "dit/dit.h"
+#include "weights/weights.h"
 #include "model.h"
 
 namespace liveavatar::dit::test {

@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<char> archive;

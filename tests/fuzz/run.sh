@@ -17,14 +17,14 @@ if ! "$cxx" -fsanitize=fuzzer "$probe" -o "$out/probe" 2>/dev/null; then
 fi
 torch=$(ls -d "$src"/.venv/lib/python3*/site-packages/torch | head -n 1)
 flags=(-std=c++17 -O1 -g -DLIVEAVATAR_FUZZING -fsanitize=fuzzer,address,undefined -fno-sanitize=vptr -D_GLIBCXX_USE_CXX11_ABI=1
-       -I"$src/engine/include" -I"$src/engine/src/weights"
+       -I"$src/engine/include" -I"$src/engine/src" -I"$src/engine/src/weights"
        -isystem "$torch/include" -isystem "$torch/include/torch/csrc/api/include")
 libs=(-L"$torch/lib" -Wl,-rpath,"$torch/lib" -Wl,--no-as-needed -ltorch_cpu -lc10 -Wl,--as-needed)
 w="$src/engine/src/weights"
 build() {  # target sources...
   local target=$1; shift
   local stamp="$out/$target.stamp" newest
-  newest=$(ls -t "$@" "$w"/*.h "$src/engine/include/liveavatar/weights.h" | head -n 1)
+  newest=$(ls -t "$@" "$w"/*.h "$src/engine/src/weights/weights.h" | head -n 1)
   if [[ -x "$out/$target" && "$out/$target" -nt "$newest" ]]; then return; fi
   echo "fuzz: building $target"
   nice "$cxx" "${flags[@]}" "$@" -o "$out/$target" "${libs[@]}"

@@ -3,7 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {

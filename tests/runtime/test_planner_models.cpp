@@ -10,9 +10,9 @@
 #include <map>
 
 #include "counting_allocator.h"
-#include "liveavatar/text_encoder.h"
-#include "liveavatar/vae.h"
-#include "liveavatar/weights.h"
+#include "text/text_encoder.h"
+#include "vae/vae.h"
+#include "weights/weights.h"
 #include "model.h"
 #include "planner_dit.h"
 

@@ -7,7 +7,7 @@
 
 #include <cstdlib>
 
-#include "liveavatar/text_encoder.h"
+#include "text/text_encoder.h"
 
 namespace liveavatar::text {
 namespace {

@@ -6,8 +6,8 @@
 
 #include <fstream>
 
-#include "liveavatar/text_encoder.h"
-#include "liveavatar/weights.h"
+#include "text/text_encoder.h"
+#include "weights/weights.h"
 #include "t5.h"
 #include "test_util.h"
 

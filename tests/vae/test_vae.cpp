@@ -8,8 +8,8 @@
 #include <fstream>
 #include <sstream>
 
-#include "liveavatar/vae.h"
-#include "liveavatar/weights.h"
+#include "vae/vae.h"
+#include "weights/weights.h"
 #include "modules.h"
 
 namespace liveavatar::vae::test {

@@ -8,8 +8,8 @@
 #include <cstdio>
 #include <string>
 
-#include "liveavatar/vae.h"
-#include "liveavatar/weights.h"
+#include "vae/vae.h"
+#include "weights/weights.h"
 #include "modules.h"
 #include "run_module.h"
 #include "../golden.h"

@@ -10,7 +10,7 @@
 #include <fstream>
 #include <string>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 
 namespace wt {
 

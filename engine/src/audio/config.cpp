@@ -4,7 +4,7 @@
 
 #include <fstream>
 
-#include "liveavatar/audio_encoder.h"
+#include "audio/audio_encoder.h"
 
 namespace liveavatar::audio {
 namespace {

@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 #include "wav2vec2.h"
 
 namespace liveavatar::audio {

@@ -5,7 +5,7 @@
 
 #include <ATen/ATen.h>
 
-#include "liveavatar/audio_encoder.h"
+#include "audio/audio_encoder.h"
 
 namespace liveavatar::audio {
 namespace {

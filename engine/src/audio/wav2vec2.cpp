@@ -6,7 +6,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Generator.h>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 
 namespace liveavatar::audio {
 namespace {

@@ -11,7 +11,7 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
-#include "liveavatar/audio_encoder.h"
+#include "audio/audio_encoder.h"
 
 namespace liveavatar::audio {
 

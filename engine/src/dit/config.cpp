@@ -6,7 +6,7 @@
 #include <fstream>
 #include <set>
 
-#include "liveavatar/dit.h"
+#include "dit/dit.h"
 
 namespace liveavatar::dit {
 

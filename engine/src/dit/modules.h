@@ -14,7 +14,7 @@
 #include <tuple>
 #include <vector>
 
-#include "liveavatar/dit.h"
+#include "dit/dit.h"
 
 namespace liveavatar::dit {
 

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <string>
 
-#include "liveavatar/dit.h"
+#include "dit/dit.h"
 
 namespace liveavatar::dit {
 namespace {

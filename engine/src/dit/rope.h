@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "liveavatar/dit.h"  // RopeSegment, RopeTable
+#include "dit/dit.h"  // RopeSegment, RopeTable
 
 namespace liveavatar::dit {
 

@@ -5,7 +5,7 @@
 
 #include <optional>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 #include "model.h"
 
 namespace liveavatar::dit {

@@ -18,11 +18,11 @@
 #include <string>
 
 #include "../backend.h"
-#include "liveavatar/audio_encoder.h"
-#include "liveavatar/dit.h"
-#include "liveavatar/text_encoder.h"
-#include "liveavatar/vae.h"
-#include "liveavatar/weights.h"
+#include "audio/audio_encoder.h"
+#include "dit/dit.h"
+#include "text/text_encoder.h"
+#include "vae/vae.h"
+#include "weights/weights.h"
 
 namespace liveavatar {
 namespace {

@@ -2,7 +2,7 @@
 // config.json without LibTorch). SPDX-License-Identifier: LGPL-2.1-or-later
 #pragma once
 
-#include "liveavatar/dit.h"
+#include "dit/dit.h"
 #include "planner.h"
 
 namespace liveavatar::runtime {

@@ -7,8 +7,8 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "liveavatar/text_encoder.h"
-#include "liveavatar/weights.h"
+#include "text/text_encoder.h"
+#include "weights/weights.h"
 
 namespace liveavatar::text {
 namespace {

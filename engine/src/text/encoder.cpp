@@ -5,7 +5,7 @@
 
 #include <fstream>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 #include "t5.h"
 
 namespace liveavatar::text {

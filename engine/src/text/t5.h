@@ -9,7 +9,7 @@
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/pimpl.h>
 
-#include "liveavatar/text_encoder.h"
+#include "text/text_encoder.h"
 
 namespace liveavatar::text {
 

@@ -5,7 +5,7 @@
 
 #include <map>
 
-#include "liveavatar/text_encoder.h"
+#include "text/text_encoder.h"
 #include "spm.h"
 
 namespace liveavatar::text {

@@ -17,7 +17,7 @@
 #include <array>
 #include <vector>
 
-#include "liveavatar/vae.h"
+#include "vae/vae.h"
 
 namespace liveavatar::vae {
 

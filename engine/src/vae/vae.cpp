@@ -2,8 +2,8 @@
 // (WanVAE_.stream_decode). SPDX-License-Identifier: LGPL-2.1-or-later
 #include <sstream>
 
-#include "liveavatar/vae.h"
-#include "liveavatar/weights.h"
+#include "vae/vae.h"
+#include "weights/weights.h"
 #include "modules.h"
 
 namespace liveavatar::vae {

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 
 namespace liveavatar::weights {
 

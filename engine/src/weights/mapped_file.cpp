@@ -16,7 +16,7 @@
 #include <mutex>
 #include <sstream>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 
 namespace liveavatar::weights {
 

@@ -5,7 +5,7 @@
 
 #include <sstream>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 #include "mapped_file.h"
 
 namespace liveavatar::weights {

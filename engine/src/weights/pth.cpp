@@ -19,7 +19,7 @@
 #include <sstream>
 #include <unordered_map>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 #include "mapped_file.h"
 
 namespace liveavatar::weights {

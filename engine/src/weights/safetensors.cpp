@@ -11,7 +11,7 @@
 #include <sstream>
 #include <unistd.h>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 #include "mapped_file.h"
 
 namespace liveavatar::weights {

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <set>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 #include "mapped_file.h"
 
 namespace liveavatar::weights {

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 
 namespace {
 

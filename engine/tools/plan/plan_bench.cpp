@@ -15,9 +15,9 @@
 #include <string>
 
 #include "counting_allocator.h"
-#include "liveavatar/audio_encoder.h"
-#include "liveavatar/dit.h"
-#include "liveavatar/vae.h"
+#include "audio/audio_encoder.h"
+#include "dit/dit.h"
+#include "vae/vae.h"
 #include "planner_dit.h"
 
 namespace {

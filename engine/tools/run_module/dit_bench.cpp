@@ -20,8 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "liveavatar/dit.h"
-#include "liveavatar/weights.h"
+#include "dit/dit.h"
+#include "weights/weights.h"
 #include "model.h"
 
 namespace {

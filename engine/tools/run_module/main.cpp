@@ -4,7 +4,7 @@
 #include <exception>
 #include <string>
 
-#include "liveavatar/weights.h"
+#include "weights/weights.h"
 #include "run_module.h"
 
 namespace {

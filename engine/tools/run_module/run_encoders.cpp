@@ -4,8 +4,8 @@
 #include <ATen/core/grad_mode.h>
 #include <sys/stat.h>
 
-#include "liveavatar/audio_encoder.h"
-#include "liveavatar/text_encoder.h"
+#include "audio/audio_encoder.h"
+#include "text/text_encoder.h"
 #include "run_module.h"
 
 namespace liveavatar::dit::tool {

@@ -5,8 +5,8 @@
 
 #include <fstream>
 
-#include "liveavatar/dit.h"
-#include "liveavatar/weights.h"
+#include "dit/dit.h"
+#include "weights/weights.h"
 #include "model.h"
 
 namespace liveavatar::dit::tool {

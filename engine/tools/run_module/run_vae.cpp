@@ -6,8 +6,8 @@
 
 #include <optional>
 
-#include "liveavatar/vae.h"
-#include "liveavatar/weights.h"
+#include "vae/vae.h"
+#include "weights/weights.h"
 #include "run_module.h"
 
 namespace liveavatar::dit::tool {

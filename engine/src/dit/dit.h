@@ -48,7 +48,7 @@
 #include <functional>
 
 #include "liveavatar/engine.h"   // liveavatar::Error, liveavatar::Cancelled
-#include "liveavatar/weights.h"  // Checkpoint, LoraOptions, Fp8Scaling
+#include "weights/weights.h"  // Checkpoint, LoraOptions, Fp8Scaling
 
 namespace liveavatar::dit {
 
