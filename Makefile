@@ -22,7 +22,7 @@ test: build
 	@scripts/run-tests.sh $(BUILD)
 
 bench: build
-	@$(BUILD)/engine/liveavatar-bench --image examples/assets/portrait.png --audio examples/assets/speech.wav --size 512x512 --threads 1
+	@$(BUILD)/engine/tools/bench/liveavatar-bench --image examples/assets/portrait.png --audio examples/assets/speech.wav --size 512x512 --threads 1
 
 clean:
 	rm -rf $(BUILD) demo.mp4

@@ -10,4 +10,7 @@ grep -q "Live avatar" "$tmp/inspect.txt" || { echo "FAIL: gst-inspect-1.0 does n
 meson devenv -C "$build" gst-launch-1.0 -q videotestsrc num-buffers=1 ! video/x-raw,width=128,height=128 ! la.image \
   audiotestsrc num-buffers=4 samplesperbuffer=400 ! audio/x-raw,format=F32LE,rate=16000,channels=1 ! la.audio \
   liveavatar name=la ! fakesink
-echo "ok: meson devenv finds liveavatar; gst-launch ran it"
+for tool in liveavatar-render liveavatar-bench liveavatar-plan; do
+  meson devenv -C "$build" sh -c "command -v $tool" > /dev/null || { echo "FAIL: meson devenv has no $tool on PATH"; exit 1; }
+done
+echo "ok: meson devenv finds liveavatar and the tools; gst-launch ran it"

@@ -41,15 +41,15 @@ uint64_t group_elements(const std::vector<ParamGroup>& groups, const std::string
 void expect_error(const std::function<void()>& fn, const std::string& fragment) {
   try {
     fn();
-    ADD_FAILURE() << "expected a PlanError containing \"" << fragment << "\"";
-  } catch (const PlanError& e) {
+    ADD_FAILURE() << "expected an error containing \"" << fragment << "\"";
+  } catch (const liveavatar::Error& e) {  // PlanError, or DitError from the model config
     EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
   }
 }
 
 // --- 14B reference figures ----------------------------------------------------------------------------------------
 TEST(PlannerFigures, ParameterCountsOf14B) {
-  const PlannerModelShape m;
+  const liveavatar::dit::ModelConfig m;
   EXPECT_EQ(m.parameter_count(), 16295755609ull);
   const auto groups = parameter_groups(m);
   EXPECT_EQ(group_elements(groups, "blocks.0"), 351394304ull);
@@ -60,7 +60,7 @@ TEST(PlannerFigures, ParameterCountsOf14B) {
 }
 
 TEST(PlannerFigures, WeightBytesBf16AndUpstreamFp8) {
-  const PlannerModelShape m;
+  const liveavatar::dit::ModelConfig m;
   uint64_t bf16 = 0, fp8 = 0, fp8_channel = 0, fp8_elements = 0, fp8_tensors = 0;
   for (const auto& g : parameter_groups(m)) {
     bf16 += g.bytes(Precision::kBf16, Fp8Scaling::kPerTensor, false);
@@ -82,14 +82,14 @@ TEST(PlannerFigures, WeightBytesBf16AndUpstreamFp8) {
 }
 
 TEST(PlannerFigures, TokensAt704x384) {
-  const auto t = count_tokens(PlannerModelShape{}, 704, 384);
+  const auto t = count_tokens(liveavatar::dit::ModelConfig{}, 704, 384);
   EXPECT_EQ(t.frame, 1056);
   EXPECT_EQ(t.block, 3168);
   EXPECT_EQ(t.ring, 12672);
   EXPECT_EQ(t.sink, 2640);  // 1,056 reference + 1,056 + 264 + 264 FramePack
   EXPECT_EQ(t.text, 512);
   // The planner's size is height x width; the tokens do not depend on the orientation.
-  const auto w = count_tokens(PlannerModelShape{}, 384, 704);
+  const auto w = count_tokens(liveavatar::dit::ModelConfig{}, 384, 704);
   EXPECT_EQ(w.sink, t.sink);
 }
 
@@ -150,7 +150,7 @@ TEST(PlannerFigures, EngineKeepsFourModulesInFp32) {
   const auto upstream = evaluate(upstream_request(Precision::kBf16, Precision::kBf16, "4x24GB"), Parallel::kStage, 4);
   const auto ours = evaluate(engine, Parallel::kStage, 4);
   uint64_t first = 0, last = 0;
-  for (const auto& g : parameter_groups(PlannerModelShape{}))
+  for (const auto& g : parameter_groups(liveavatar::dit::ModelConfig{}))
     if (g.fp32_module) (g.where == ParamGroup::Where::kLast ? last : first) += 2 * g.elements();
   EXPECT_EQ(ours.devices[0].weights - upstream.devices[0].weights, first);
   EXPECT_EQ(ours.devices[3].weights - upstream.devices[3].weights, last);
@@ -182,7 +182,7 @@ TEST(PlannerLayout, InjectorsEmbeddingsAndHeadFollowTheirLayers) {
   auto r = upstream_request(Precision::kBf16, Precision::kBf16, "4x80GB");
   const auto plan = evaluate(r, Parallel::kStage, 4);
   EXPECT_EQ(plan.devices[1].role.substr(0, 31), "stage 1/4 (layers 10-19) + aux");
-  const PlannerModelShape m;
+  const liveavatar::dit::ModelConfig m;
   const uint64_t block = 2 * 351394304ull, injector = 2 * 157327360ull;
   uint64_t embeddings = 0, head = 0;
   for (const auto& g : parameter_groups(m)) {
@@ -347,7 +347,7 @@ TEST(PlannerDecision, RefusesACheckpointBeforeReadingWeights) {
   EXPECT_EQ(d.message.rfind("needs ", 0), 0u) << d.message;
   EXPECT_NE(d.message.find("on cuda:0, 22.0 free"), std::string::npos) << d.message;
   uint64_t fp32_elements = 0;
-  for (const auto& g : parameter_groups(PlannerModelShape{}))
+  for (const auto& g : parameter_groups(liveavatar::dit::ModelConfig{}))
     if (g.fp32_module) fp32_elements += g.elements();
   EXPECT_EQ(d.plan.devices[0].weights, 2 * 16295755609ull + 2 * fp32_elements)  // the engine's fp32 modules
       << d.message;
@@ -361,36 +361,36 @@ TEST(PlannerConfig, ReadsConfigJsonLikeTheDiT) {
   std::ofstream(path) << R"({"constructor_args": {"dim": 64, "ffn_dim": 128, "num_heads": 4, "num_layers": 2,
     "audio_inject_layers": [0, 1], "audio_dim": 32, "text_dim": 32, "text_len": 16, "freq_dim": 32,
     "adain_mode": "other"}})";
-  const auto m = PlannerModelShape::from_config_json(path);
+  const auto m = liveavatar::dit::ModelConfig::from_json_file(path);
   EXPECT_EQ(m.dim, 64);
   EXPECT_EQ(m.num_layers, 2);
   EXPECT_EQ(m.audio_inject_layers, (std::vector<int64_t>{0, 1}));
-  EXPECT_TRUE(m.adain_output_layers);
+  EXPECT_EQ(m.adain_mode, "other");  // upstream registers injector_adain_output_layers for it
   EXPECT_EQ(m.text_len, 16);
 
   auto write = [&](const std::string& text) { std::ofstream(path, std::ios::trunc) << text; };
   write("{\"dim\": ");
-  expect_error([&] { PlannerModelShape::from_config_json(path); }, "not valid JSON");
+  expect_error([&] { liveavatar::dit::ModelConfig::from_json_file(path); }, "not valid JSON");
   write(R"({"dim": "wide"})");
-  expect_error([&] { PlannerModelShape::from_config_json(path); }, "a field has the wrong type");
+  expect_error([&] { liveavatar::dit::ModelConfig::from_json_file(path); }, "a field has the wrong type");
   write(R"({"enable_motioner": true})");
-  expect_error([&] { PlannerModelShape::from_config_json(path); }, "enable_motioner=true is not supported");
+  expect_error([&] { liveavatar::dit::ModelConfig::from_json_file(path); }, "enable_motioner=true is not supported");
   write(R"({"framepack_drop_mode": "drop"})");
-  expect_error([&] { PlannerModelShape::from_config_json(path); }, "framepack_drop_mode must be \"padd\"");
+  expect_error([&] { liveavatar::dit::ModelConfig::from_json_file(path); }, "framepack_drop_mode must be \"padd\"");
   write(R"({"patch_size": [1, 2]})");
-  expect_error([&] { PlannerModelShape::from_config_json(path); }, "patch_size must have 3 entries");
+  expect_error([&] { liveavatar::dit::ModelConfig::from_json_file(path); }, "patch_size must have 3 entries");
   write(R"({"dim": 100, "num_heads": 40})");
-  expect_error([&] { PlannerModelShape::from_config_json(path); }, "config.json: model config: dim 100 is not a multiple");
+  expect_error([&] { liveavatar::dit::ModelConfig::from_json_file(path); }, "config.json: model config: dim 100 is not a multiple");
   write("[1, 2]");
-  expect_error([&] { PlannerModelShape::from_config_json(path); }, "must be a JSON object");
-  expect_error([&] { PlannerModelShape::from_config_json((dir / "absent.json").string()); }, "cannot open");
+  expect_error([&] { liveavatar::dit::ModelConfig::from_json_file(path); }, "must be a JSON object");
+  expect_error([&] { liveavatar::dit::ModelConfig::from_json_file((dir / "absent.json").string()); }, "cannot open");
   std::filesystem::remove_all(dir);
 }
 
 // --- Validators -------------------------------------------------------------------------------------------------------
 TEST(PlannerValidate, ModelShape) {
-  auto bad = [](const std::function<void(PlannerModelShape&)>& edit, const std::string& fragment) {
-    PlannerModelShape m;
+  auto bad = [](const std::function<void(liveavatar::dit::ModelConfig&)>& edit, const std::string& fragment) {
+    liveavatar::dit::ModelConfig m;
     edit(m);
     expect_error([&] { m.validate(); }, fragment);
   };
@@ -409,7 +409,7 @@ TEST(PlannerValidate, ModelShape) {
   bad([](auto& m) { m.motion_frames = 0; }, "motion_frames must be positive");
   bad([](auto& m) { m.clip_frames = 10; }, "clip_frames 10 must be a positive multiple of frames_per_block 3");
   bad([](auto& m) { m.sampling_steps = 0; }, "sampling_steps must be positive");
-  PlannerModelShape().validate();
+  liveavatar::dit::ModelConfig().validate();
 }
 
 TEST(PlannerValidate, Request) {
@@ -486,6 +486,8 @@ TEST(PlannerValidate, Parsing) {
   EXPECT_EQ(parse_precision("fp8"), Precision::kFp8);
   expect_error([] { parse_precision("fp16"); }, "precision must be fp32, bf16 or fp8, got 'fp16'");
   EXPECT_EQ(gib(25 * kGiB + 3 * kGiB / 10), "25.3 GiB");
+  EXPECT_EQ(gib(3u << 20), "3.0 MiB");  // a tiny model is not "0.0 GiB"
+  EXPECT_EQ(gib(512), "0.5 KiB");
 }
 
 TEST(PlannerValidate, DefaultPrecisions) {

@@ -14,21 +14,24 @@
 #include "vae/vae.h"
 #include "weights/weights.h"
 #include "model.h"
-#include "planner_dit.h"
+#include "planner.h"
 
 namespace {
 
 using namespace liveavatar;
 
-TEST(PlannerModels, ParameterCountEqualsTheDiTConfig) {
-  for (const auto& config : {dit::ModelConfig{}, dit::ModelConfig::tiny()}) {
-    const auto shape = runtime::planner_shape(config);
-    EXPECT_EQ(shape.parameter_count(), config.parameter_count());
-  }
+// The planner's parameter groups (what each rank holds) add up to the DiT config's exact count, for the 14B shape,
+// the tiny one and a variant with the extra adain output layers.
+TEST(PlannerModels, ParameterGroupsAddUpToTheDiTConfig) {
   auto other = dit::ModelConfig::tiny();
   other.adain_mode = "attn_norm_out";
   other.enable_adain = true;
-  EXPECT_EQ(runtime::planner_shape(other).parameter_count(), other.parameter_count());
+  for (const auto& config : {dit::ModelConfig{}, dit::ModelConfig::tiny(), other}) {
+    uint64_t sum = 0;
+    for (const auto& g : runtime::parameter_groups(config)) sum += g.elements();
+    EXPECT_EQ(sum, config.parameter_count());
+  }
+  EXPECT_GT(other.parameter_count(), dit::ModelConfig::tiny().parameter_count());
 }
 
 TEST(PlannerModels, CompanionModelsMatchTheirConfigs) {
@@ -44,7 +47,7 @@ TEST(PlannerModels, GroupsAndBytesMatchTheBuiltModule) {
   config.audio_inject_layers = {0, 2};
   for (auto dtype : {at::kFloat, at::kBFloat16}) {
     dit::Model model(config, c10::kCPU, dtype, /*seed=*/3);
-    const auto groups = runtime::parameter_groups(runtime::planner_shape(config));
+    const auto groups = runtime::parameter_groups(config);
     std::map<std::string, uint64_t> elements, bytes;
     for (const auto& item : model.module()->named_parameters(/*recurse=*/true)) {
       const std::string& name = item.key();
@@ -87,7 +90,7 @@ TEST(PlannerModels, ShardBytesAreThePlannersStageBytes) {
                         Case{dit::Precision::kFp8, runtime::Precision::kFp8, weights::Fp8Scaling::kPerTensor},
                         Case{dit::Precision::kFp8, runtime::Precision::kFp8, weights::Fp8Scaling::kPerChannel}}) {
     runtime::PlanRequest r;
-    r.model = runtime::planner_shape(config);
+    r.model = config;
     r.height = 128;
     r.width = 64;
     r.weights = c.planner;
@@ -124,7 +127,7 @@ TEST(PlannerModels, SessionCachesAreThePlannersBytes) {
   const auto config = dit::ModelConfig::tiny();
   const int64_t height = 128, width = 64;
   runtime::PlanRequest r;
-  r.model = runtime::planner_shape(config);
+  r.model = config;
   r.height = height;
   r.width = width;
   r.weights = runtime::Precision::kFp32;

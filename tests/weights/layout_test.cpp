@@ -8,7 +8,7 @@
 using namespace liveavatar::weights;
 
 TEST(Layout, Dit14BMatchesTheUpstreamParameterCount) {
-  DitConfig c;  // Wan2.2-S2V-14B
+  liveavatar::dit::ModelConfig c;  // Wan2.2-S2V-14B
   EXPECT_EQ(audio_injector_count(c), 12);
   EXPECT_EQ(layout_numel(dit_layout(c)), 16295755609ull);
   uint64_t block = 0;
@@ -30,7 +30,7 @@ TEST(Layout, Dit14BMatchesTheUpstreamParameterCount) {
 }
 
 TEST(Layout, InjectorCountFollowsUpstreamSubstringMatching) {
-  DitConfig c;
+  liveavatar::dit::ModelConfig c;
   c.num_layers = 20;
   c.audio_inject_layers = {1};  // 'transformer_blocks.1' is in blocks 1 and 10..19
   EXPECT_EQ(audio_injector_count(c), 11);

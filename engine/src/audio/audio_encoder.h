@@ -58,6 +58,7 @@ struct Wav2Vec2Config {
   double layer_norm_eps = 1e-5;           // layer_norm_eps
   std::string feat_extract_norm = "layer";     // feat_extract_norm (only "layer" is supported: the xlsr family)
   bool do_stable_layer_norm = true;            // do_stable_layer_norm (only true: pre-LN encoder)
+  int64_t vocab_size = 33;                     // vocab_size (rows of the CTC head lm_head: in the file, unused)
   std::string hidden_act = "gelu";             // hidden_act (exact erf GELU)
   std::string feat_extract_activation = "gelu";  // feat_extract_activation
   // preprocessor_config.json (Wav2Vec2FeatureExtractor)

@@ -65,6 +65,7 @@ Wav2Vec2Config Wav2Vec2Config::from_json_file(const std::string& path) {
     get(j, "layer_norm_eps", c.layer_norm_eps);
     get(j, "feat_extract_norm", c.feat_extract_norm);
     get(j, "do_stable_layer_norm", c.do_stable_layer_norm);
+    get(j, "vocab_size", c.vocab_size);
     get(j, "hidden_act", c.hidden_act);
     get(j, "feat_extract_activation", c.feat_extract_activation);
     get(pre, "sampling_rate", c.sampling_rate);

@@ -4,9 +4,10 @@
 
 #include <algorithm>
 #include <fstream>
+#include <sstream>
 #include <set>
 
-#include "dit/dit.h"
+#include "dit/config.h"
 
 namespace liveavatar::dit {
 
@@ -28,17 +29,24 @@ ModelConfig ModelConfig::tiny() {
 ModelConfig ModelConfig::from_json_file(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw DitError(path + ": cannot open the model config (expected the checkpoint's config.json)");
+  std::stringstream text;
+  text << in.rdbuf();
+  return from_json_text(text.str(), path);
+}
+
+ModelConfig ModelConfig::from_json_text(const std::string& text, const std::string& path) {
   nlohmann::json j;
   try {
-    in >> j;
+    j = nlohmann::json::parse(text);
   } catch (const std::exception& e) {
     throw DitError(path + ": not valid JSON: " + e.what());
   }
   // The golden fixtures nest the constructor arguments; a checkpoint's config.json has them at the top.
-  if (j.contains("constructor_args") && j["constructor_args"].is_object()) {
+  if (j.is_object() && j.contains("constructor_args") && j["constructor_args"].is_object()) {
     nlohmann::json args = j["constructor_args"];
     j = args;
   }
+  if (!j.is_object()) throw DitError(path + ": the model config must be a JSON object");
   ModelConfig c;
   try {
     auto get = [&](const char* key, auto& field) {
@@ -78,8 +86,40 @@ ModelConfig ModelConfig::from_json_file(const std::string& path) {
   } catch (const nlohmann::json::exception& e) {
     throw DitError(path + ": a field has the wrong type: " + e.what());
   }
-  c.validate();
+  try {
+    c.validate();
+  } catch (const DitError& e) {
+    throw DitError(path + ": " + e.what());
+  }
   return c;
+}
+
+std::string to_config_json(const ModelConfig& c) {
+  const nlohmann::json j = {{"_class_name", "WanModel_S2V"},
+                            {"model_type", "s2v"},
+                            {"dim", c.dim},
+                            {"ffn_dim", c.ffn_dim},
+                            {"num_heads", c.num_heads},
+                            {"num_layers", c.num_layers},
+                            {"in_dim", c.in_dim},
+                            {"out_dim", c.out_dim},
+                            {"freq_dim", c.freq_dim},
+                            {"text_dim", c.text_dim},
+                            {"cond_dim", c.cond_dim},
+                            {"audio_dim", c.audio_dim},
+                            {"num_audio_token", c.num_audio_token},
+                            {"audio_inject_layers", c.audio_inject_layers},
+                            {"enable_adain", c.enable_adain},
+                            {"adain_mode", c.adain_mode},
+                            {"enable_framepack", true},
+                            {"framepack_drop_mode", "padd"},
+                            {"enable_motioner", false},
+                            {"zero_timestep", true},
+                            {"patch_size", c.patch_size},
+                            {"qk_norm", true},
+                            {"cross_attn_norm", true},
+                            {"eps", c.eps}};
+  return j.dump(2) + "\n";
 }
 
 void ModelConfig::validate() const {
@@ -87,6 +127,11 @@ void ModelConfig::validate() const {
   auto s = [](int64_t v) { return std::to_string(v); };
   if (dim <= 0 || num_heads <= 0 || num_layers <= 0 || ffn_dim <= 0)
     fail("dim, num_heads, num_layers and ffn_dim must be positive");
+  // Model files are untrusted input: bound the shape before anything is sized from it.
+  if (dim > (1 << 20) || ffn_dim > (1 << 22) || num_layers > 10000 || num_heads > 4096 || text_len > (1 << 20) ||
+      text_dim > (1 << 20) || audio_dim > (1 << 20) || freq_dim > (1 << 20) || cond_dim > (1 << 16) ||
+      audio_layers > 4096 || num_audio_token > 4096 || out_dim > (1 << 16))
+    fail("implausible shape (dim <= 2^20, ffn_dim <= 2^22, num_layers <= 10000, ...): not a DiT config");
   if (dim % num_heads != 0) fail("dim " + s(dim) + " is not a multiple of num_heads " + s(num_heads));
   if (head_dim() % 2 != 0) fail("head_dim " + s(head_dim()) + " must be even (RoPE pairs)");
   if (dim % 4 != 0) fail("dim " + s(dim) + " must be a multiple of 4 (audio encoder widths dim/4, dim/2)");
@@ -94,7 +139,7 @@ void ModelConfig::validate() const {
   if (patch_size != std::array<int64_t, 3>{1, 2, 2})
     fail("patch_size must be (1, 2, 2): the FramePack RoPE layout assumes it");
   if (in_dim != 16) fail("in_dim " + s(in_dim) + ": the FramePack projections take 16 latent channels");
-  if (cond_dim <= 0) fail("cond_dim must be positive (cond_encoder)");
+  if (out_dim <= 0 || cond_dim <= 0) fail("out_dim and cond_dim must be positive");
   if (text_len <= 0 || text_dim <= 0 || audio_dim <= 0 || audio_layers <= 0 || num_audio_token <= 0)
     fail("text_len, text_dim, audio_dim, audio_layers and num_audio_token must be positive");
   std::set<int64_t> seen;
@@ -105,8 +150,8 @@ void ModelConfig::validate() const {
   if (framepack_buckets[0] <= 0 || framepack_buckets[1] % 2 != 0 || framepack_buckets[2] % 4 != 0 ||
       framepack_buckets[1] <= 0 || framepack_buckets[2] <= 0)
     fail("framepack_buckets must be (n, 2k, 4m) with positive entries");
-  if (frames_per_block <= 0 || clip_frames % frames_per_block != 0)
-    fail("clip_frames " + s(clip_frames) + " must be a multiple of frames_per_block " + s(frames_per_block));
+  if (frames_per_block <= 0 || clip_frames <= 0 || clip_frames % frames_per_block != 0)
+    fail("clip_frames " + s(clip_frames) + " must be a positive multiple of frames_per_block " + s(frames_per_block));
   if (rope_offset_min > rope_offset_max) fail("rope_offset_min > rope_offset_max");
   if (sampling_steps <= 0) fail("sampling_steps must be positive");
   if (motion_frames <= 0) fail("motion_frames must be positive");

@@ -142,43 +142,28 @@ std::vector<Device> parse_devices(const std::string& text, uint64_t context_rese
   return out;
 }
 
+namespace {
+// The unit gib() prints `bytes` in: GiB from 1 GiB on, then MiB, then KiB (a tiny test model is not "0.0 GiB").
+uint64_t unit_of(uint64_t bytes, const char** name) {
+  if (bytes >= kGiB) { *name = "GiB"; return kGiB; }
+  if (bytes >= (1ull << 20)) { *name = "MiB"; return 1ull << 20; }
+  *name = "KiB";
+  return 1ull << 10;
+}
+}  // namespace
+
 std::string gib(uint64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f GiB", static_cast<double>(bytes) / static_cast<double>(kGiB));
+  const char* name = nullptr;
+  const uint64_t unit = unit_of(bytes, &name);
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.1f %s", static_cast<double>(bytes) / static_cast<double>(unit), name);
   return buf;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Model shape
 // ---------------------------------------------------------------------------------------------------------------
-void PlannerModelShape::validate() const {
-  auto fail = [](const std::string& m) { throw PlanError("model config: " + m); };
-  if (dim <= 0 || num_heads <= 0 || num_layers <= 0 || ffn_dim <= 0)
-    fail("dim, num_heads, num_layers and ffn_dim must be positive");
-  if (dim % num_heads != 0) fail("dim " + s(dim) + " is not a multiple of num_heads " + s(num_heads));
-  if (head_dim() % 2 != 0) fail("head_dim " + s(head_dim()) + " must be even (RoPE pairs)");
-  if (dim % 4 != 0) fail("dim " + s(dim) + " must be a multiple of 4 (audio encoder widths dim/4, dim/2)");
-  if (freq_dim <= 0 || freq_dim % 2 != 0) fail("freq_dim " + s(freq_dim) + " must be positive and even");
-  if (patch_size != std::array<int64_t, 3>{1, 2, 2}) fail("patch_size must be (1, 2, 2): the FramePack layout assumes it");
-  if (in_dim != 16) fail("in_dim " + s(in_dim) + ": the FramePack projections take 16 latent channels");
-  if (out_dim <= 0 || cond_dim <= 0) fail("out_dim and cond_dim must be positive");
-  if (text_len <= 0 || text_dim <= 0 || audio_dim <= 0 || audio_layers <= 0 || num_audio_token <= 0)
-    fail("text_len, text_dim, audio_dim, audio_layers and num_audio_token must be positive");
-  std::set<int64_t> seen;
-  for (int64_t l : audio_inject_layers) {
-    if (l < 0 || l >= num_layers) fail("audio_inject_layers has " + s(l) + ", outside [0, " + s(num_layers) + ")");
-    if (!seen.insert(l).second) fail("audio_inject_layers lists layer " + s(l) + " twice");
-  }
-  if (framepack_buckets[0] <= 0 || framepack_buckets[1] <= 0 || framepack_buckets[2] <= 0 ||
-      framepack_buckets[1] % 2 != 0 || framepack_buckets[2] % 4 != 0)
-    fail("framepack_buckets must be (n, 2k, 4m) with positive entries");
-  if (motion_frames <= 0) fail("motion_frames must be positive");
-  if (frames_per_block <= 0 || clip_frames <= 0 || clip_frames % frames_per_block != 0)
-    fail("clip_frames " + s(clip_frames) + " must be a positive multiple of frames_per_block " + s(frames_per_block));
-  if (sampling_steps <= 0) fail("sampling_steps must be positive");
-}
-
-std::vector<ParamGroup> parameter_groups(const PlannerModelShape& m) {
+std::vector<ParamGroup> parameter_groups(const dit::ModelConfig& m) {
   using W = ParamGroup::Where;
   const u64 d = u(m.dim), f = u(m.ffn_dim), patch = u(m.patch_size[0] * m.patch_size[1] * m.patch_size[2]);
   std::vector<ParamGroup> g;
@@ -220,7 +205,7 @@ std::vector<ParamGroup> parameter_groups(const PlannerModelShape& m) {
   if (m.enable_adain) {
     for (size_t j = 0; j < inj.size(); ++j)
       add("audio_injector.injector_adain_layers." + std::to_string(j), W::kLayer, inj[j], 2 * d * d, 1, 2 * d, 2 * d);
-    if (m.adain_output_layers)
+    if (m.adain_mode != "attn_norm")  // upstream registers injector_adain_output_layers then
       for (size_t j = 0; j < inj.size(); ++j)
         add("audio_injector.injector_adain_output_layers." + std::to_string(j), W::kLayer, inj[j], d * d, 1, d, d);
   }
@@ -236,13 +221,7 @@ uint64_t ParamGroup::bytes(Precision weights, Fp8Scaling scaling, bool keep_fp32
   return fp8_elements + scales + other_elements * 2;
 }
 
-uint64_t PlannerModelShape::parameter_count() const {
-  u64 n = 0;
-  for (const auto& g : parameter_groups(*this)) n += g.elements();
-  return n;
-}
-
-Tokens count_tokens(const PlannerModelShape& m, int64_t height, int64_t width) {
+Tokens count_tokens(const dit::ModelConfig& m, int64_t height, int64_t width) {
   if (height <= 0 || width <= 0 || height % 64 != 0 || width % 64 != 0)
     throw PlanError("output size " + s(height) + "x" + s(width) +
                     ": height and width must be positive multiples of 64 (VAE x8, patch x2, FramePack 4x bucket)");
@@ -269,7 +248,11 @@ Precision PlanRequest::activation_precision() const {
 Precision PlanRequest::aux_dtype() const { return aux_precision ? *aux_precision : activation_precision(); }
 
 void PlanRequest::validate() const {
-  model.validate();
+  try {
+    model.validate();
+  } catch (const dit::DitError& e) {
+    throw PlanError(e.what());
+  }
   count_tokens(model, height, width);
   if (devices.empty()) throw PlanError("no devices: give at least one (e.g. --devices cuda:0=22GiB or 4x24GB)");
   std::set<std::string> names;
@@ -645,7 +628,9 @@ Decision decide(const PlanRequest& request) {
   out.plan = *closest;
   const auto& t = closest->tightest();
   char free_text[32];
-  std::snprintf(free_text, sizeof free_text, "%.1f", static_cast<double>(t.free_bytes) / static_cast<double>(kGiB));
+  const char* unit_name = nullptr;
+  const uint64_t unit = unit_of(t.total(), &unit_name);  // the free bytes in the unit of the need
+  std::snprintf(free_text, sizeof free_text, "%.1f", static_cast<double>(t.free_bytes) / static_cast<double>(unit));
   out.message = "needs " + gib(t.total()) + " on " + t.device + ", " + free_text + " free (" +
                 summary(request, *closest) + "); " + what_would_fit(request);
   return out;

@@ -4,7 +4,7 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 //
 //   auto request = runtime::PlanRequest{};                       // 14B, 704x384, bf16, parallel auto
-//   request.model = runtime::PlannerModelShape::from_config_json(dir + "/config.json");   // reads nothing else
+//   request.model = dit::ModelConfig::from_json_file(dir + "/config.json");   // reads nothing else
 //   request.devices = runtime::parse_devices("4x24GB");
 //   auto plan = runtime::require_fit(request);                    // throws PlanError: "needs 25.3 GiB on cuda:0, ..."
 //
@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "dit/config.h"          // dit::ModelConfig: the model shape, read from config.json without LibTorch
 #include "liveavatar/engine.h"  // liveavatar::Error
 
 namespace liveavatar::runtime {
@@ -42,41 +43,6 @@ namespace liveavatar::runtime {
 class PlanError : public Error {
  public:
   using Error::Error;
-};
-
-/// The DiT shape (the fields of upstream CausalWanModel_S2V's config.json, defaults = Wan2.2-S2V-14B as
-/// LiveAvatar runs it) plus the streaming settings. Mirrors dit::ModelConfig without depending on LibTorch.
-struct PlannerModelShape {
-  int64_t dim = 5120;
-  int64_t ffn_dim = 13824;
-  int64_t num_heads = 40;
-  int64_t num_layers = 40;
-  int64_t in_dim = 16;
-  int64_t out_dim = 16;
-  int64_t cond_dim = 16;
-  int64_t text_dim = 4096;
-  int64_t text_len = 512;
-  int64_t freq_dim = 256;
-  int64_t audio_dim = 1024;
-  int64_t audio_layers = 25;
-  int64_t num_audio_token = 4;
-  std::array<int64_t, 3> patch_size{1, 2, 2};
-  std::vector<int64_t> audio_inject_layers{0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39};
-  bool enable_adain = true;
-  bool adain_output_layers = false;  // adain_mode != "attn_norm" registers injector_adain_output_layers
-  std::array<int64_t, 3> framepack_buckets{1, 2, 16};
-  int64_t motion_frames = 73;        // video frames of motion context (the audio encoder's front padding)
-  int64_t frames_per_block = 3;      // latent frames per block
-  int64_t clip_frames = 12;          // KV ring size in latent frames
-  int64_t sampling_steps = 4;        // denoising steps per block = KV rings
-
-  /// Reads the checkpoint's config.json (same fields and rules as dit::ModelConfig::from_json_file) and nothing else.
-  static PlannerModelShape from_config_json(const std::string& path);
-  /// Throws PlanError naming the first inconsistent field and the constraint.
-  void validate() const;
-  int64_t head_dim() const { return dim / num_heads; }
-  /// Parameters of the DiT (equals dit::ModelConfig::parameter_count()).
-  uint64_t parameter_count() const;
 };
 
 enum class Precision { kFp32, kBf16, kFp8 };
@@ -115,7 +81,7 @@ struct Placement {
 };
 
 struct PlanRequest {
-  PlannerModelShape model;
+  dit::ModelConfig model;                // the DiT shape and streaming settings (defaults: the 14B model)
   int64_t height = 704;                 // output pixels (multiples of 64: VAE x8, patch x2, FramePack x4)
   int64_t width = 384;
   Precision weights = Precision::kBf16;
@@ -149,7 +115,7 @@ struct Tokens {
   int64_t sink = 0;    // reference + FramePack 1x / 2x / 4x
   int64_t text = 0;    // text_len
 };
-Tokens count_tokens(const PlannerModelShape& model, int64_t height, int64_t width);
+Tokens count_tokens(const dit::ModelConfig& model, int64_t height, int64_t width);
 
 /// A DiT parameter group (one checkpoint prefix) and how it is stored.
 struct ParamGroup {
@@ -165,7 +131,7 @@ struct ParamGroup {
   uint64_t elements() const { return fp8_elements + other_elements; }
   uint64_t bytes(Precision weights, Fp8Scaling scaling, bool keep_fp32_modules) const;
 };
-std::vector<ParamGroup> parameter_groups(const PlannerModelShape& model);
+std::vector<ParamGroup> parameter_groups(const dit::ModelConfig& model);
 
 /// Companion models (standard shapes; the tests check these against their configs' parameter_count()).
 constexpr uint64_t kVaeParameters = 126892531;       // Wan2.1 VAE
@@ -223,7 +189,7 @@ Plan require_fit(const PlanRequest& request);
 /// Reads only `<checkpoint_dir>/config.json` into request.model, then decide(): no weight file is opened.
 Decision decide_for_checkpoint(const std::string& checkpoint_dir, PlanRequest request);
 
-/// "25.3 GiB" style: bytes / 2^30 with one decimal.
+/// "25.3 GiB" style, one decimal; under 1 GiB in MiB, under 1 MiB in KiB.
 std::string gib(uint64_t bytes);
 
 }  // namespace liveavatar::runtime

@@ -69,7 +69,7 @@ ModelConfig ModelConfig::tiny() {
   return c;
 }
 
-int64_t audio_injector_count(const DitConfig& c) {
+int64_t audio_injector_count(const dit::ModelConfig& c) {
   int64_t n = 0;
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string name = "root.transformer_blocks." + std::to_string(i);
@@ -80,11 +80,11 @@ int64_t audio_injector_count(const DitConfig& c) {
   return n;
 }
 
-Layout dit_layout(const DitConfig& c, at::ScalarType dtype) {
+Layout dit_layout(const dit::ModelConfig& c, at::ScalarType dtype) {
   Layout out;
   Builder b(out, dtype);
   const int64_t d = c.dim;
-  const auto& p = c.patch_size;
+  const std::vector<int64_t> p(c.patch_size.begin(), c.patch_size.end());
   b.conv("patch_embedding", c.in_dim, d, p);
   b.linear("text_embedding.0", c.text_dim, d);
   b.linear("text_embedding.2", d, d);
@@ -105,7 +105,7 @@ Layout dit_layout(const DitConfig& c, at::ScalarType dtype) {
   b.add("head.modulation", {1, 2, d});
   if (c.cond_dim > 0) b.conv("cond_encoder", c.cond_dim, d, p);
   // CausalAudioEncoder -> MotionEncoder_tc(in_dim=audio_dim, hidden_dim=dim, num_heads=num_audio_token)
-  b.add("casual_audio_encoder.weights", {1, c.num_audio_layers, 1, 1});
+  b.add("casual_audio_encoder.weights", {1, c.audio_layers, 1, 1});
   const std::string e = "casual_audio_encoder.encoder";
   b.conv(e + ".conv1_local.conv", c.audio_dim, d / 4 * c.num_audio_token, {3});
   if (c.enable_adain) b.conv(e + ".conv1_global.conv", c.audio_dim, d / 4, {3});
@@ -123,11 +123,9 @@ Layout dit_layout(const DitConfig& c, at::ScalarType dtype) {
     }
   }
   b.add("trainable_cond_mask.weight", {3, d});
-  if (c.enable_framepack) {
-    b.conv("frame_packer.proj", 16, d, {1, 2, 2});
-    b.conv("frame_packer.proj_2x", 16, d, {2, 4, 4});
-    b.conv("frame_packer.proj_4x", 16, d, {4, 8, 8});
-  }
+  b.conv("frame_packer.proj", 16, d, {1, 2, 2});  // enable_framepack=True (the only setting LiveAvatar runs)
+  b.conv("frame_packer.proj_2x", 16, d, {2, 4, 4});
+  b.conv("frame_packer.proj_4x", 16, d, {4, 8, 8});
   return out;
 }
 
@@ -155,7 +153,7 @@ void vae_middle(Builder& b, const std::string& m, int64_t dim) {
 
 }  // namespace
 
-Layout vae_layout(const VaeConfig& c, at::ScalarType dtype) {
+Layout vae_layout(const vae::VaeConfig& c, at::ScalarType dtype) {
   Layout out;
   Builder b(out, dtype);
   const size_t levels = c.dim_mult.size();
@@ -202,7 +200,7 @@ Layout vae_layout(const VaeConfig& c, at::ScalarType dtype) {
   return out;
 }
 
-Layout t5_layout(const T5Config& c, at::ScalarType dtype) {
+Layout t5_layout(const text::T5Config& c, at::ScalarType dtype) {
   Layout out;
   Builder b(out, dtype);
   b.add("token_embedding.weight", {c.vocab_size, c.dim});
@@ -221,7 +219,7 @@ Layout t5_layout(const T5Config& c, at::ScalarType dtype) {
   return out;
 }
 
-Layout wav2vec2_layout(const Wav2Vec2Config& c, at::ScalarType dtype) {
+Layout wav2vec2_layout(const audio::Wav2Vec2Config& c, at::ScalarType dtype) {
   Layout out;
   Builder b(out, dtype);
   const std::string w = "wav2vec2.";
@@ -258,7 +256,7 @@ Layout wav2vec2_layout(const Wav2Vec2Config& c, at::ScalarType dtype) {
   return out;
 }
 
-Layout lora_layout(const DitConfig& dit, const LoraConfig& lora, at::ScalarType dtype) {
+Layout lora_layout(const dit::ModelConfig& dit, const LoraOptions& lora, at::ScalarType dtype) {
   Layout out;
   Builder b(out, dtype);
   for (const auto& kv : dit_layout(dit, dtype)) {
@@ -288,86 +286,8 @@ uint64_t layout_numel(const Layout& layout) {
   return n;
 }
 
-std::string dit_config_json(const DitConfig& c) {
-  json j = {{"_class_name", "WanModel_S2V"},
-            {"model_type", "s2v"},
-            {"dim", c.dim},
-            {"ffn_dim", c.ffn_dim},
-            {"num_heads", c.num_heads},
-            {"num_layers", c.num_layers},
-            {"in_dim", c.in_dim},
-            {"out_dim", c.out_dim},
-            {"freq_dim", c.freq_dim},
-            {"text_dim", c.text_dim},
-            {"cond_dim", c.cond_dim},
-            {"audio_dim", c.audio_dim},
-            {"num_audio_token", c.num_audio_token},
-            {"audio_inject_layers", c.audio_inject_layers},
-            {"enable_adain", c.enable_adain},
-            {"adain_mode", c.adain_mode},
-            {"enable_framepack", c.enable_framepack},
-            {"framepack_drop_mode", "padd"},
-            {"enable_motioner", false},
-            {"zero_timestep", true},
-            {"patch_size", c.patch_size},
-            {"qk_norm", true},
-            {"cross_attn_norm", true},
-            {"eps", 1e-6}};
-  return j.dump(2) + "\n";
-}
 
-namespace {
-
-template <typename T>
-void get_opt(const json& j, const char* key, T* out, const std::string& file) {
-  if (!j.contains(key)) return;
-  try {
-    *out = j.at(key).get<T>();
-  } catch (const json::exception& e) {
-    throw WeightsError(file, std::string("field \"") + key + "\" has the wrong type (" + e.what() + ")");
-  }
-}
-
-json parse_object(const std::string& text, const std::string& file) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw WeightsError(file, std::string("not valid JSON (") + e.what() + ")");
-  }
-  if (!j.is_object()) throw WeightsError(file, "not a JSON object");
-  return j;
-}
-
-}  // namespace
-
-DitConfig dit_config_from_json(const std::string& text, const std::string& file) {
-  json j = parse_object(text, file);
-  DitConfig c;
-  get_opt(j, "dim", &c.dim, file);
-  get_opt(j, "ffn_dim", &c.ffn_dim, file);
-  get_opt(j, "num_heads", &c.num_heads, file);
-  get_opt(j, "num_layers", &c.num_layers, file);
-  get_opt(j, "in_dim", &c.in_dim, file);
-  get_opt(j, "out_dim", &c.out_dim, file);
-  get_opt(j, "freq_dim", &c.freq_dim, file);
-  get_opt(j, "text_dim", &c.text_dim, file);
-  get_opt(j, "cond_dim", &c.cond_dim, file);
-  get_opt(j, "audio_dim", &c.audio_dim, file);
-  get_opt(j, "num_audio_token", &c.num_audio_token, file);
-  get_opt(j, "audio_inject_layers", &c.audio_inject_layers, file);
-  get_opt(j, "enable_adain", &c.enable_adain, file);
-  get_opt(j, "adain_mode", &c.adain_mode, file);
-  get_opt(j, "enable_framepack", &c.enable_framepack, file);
-  get_opt(j, "patch_size", &c.patch_size, file);
-  if (c.patch_size.size() != 3 || c.dim <= 0 || c.num_heads <= 0 || c.dim % c.num_heads != 0 || c.num_layers < 0 ||
-      c.num_layers > 10000 || c.dim > (1 << 20) || c.ffn_dim <= 0 || c.ffn_dim > (1 << 22)) {
-    throw WeightsError(file, "implausible DiT configuration (dim, heads, layers, patch_size)");
-  }
-  return c;
-}
-
-std::string wav2vec2_config_json(const Wav2Vec2Config& c) {
+std::string wav2vec2_config_json(const audio::Wav2Vec2Config& c) {
   json j = {{"architectures", {"Wav2Vec2ForCTC"}},
             {"model_type", "wav2vec2"},
             {"hidden_size", c.hidden_size},
@@ -385,26 +305,6 @@ std::string wav2vec2_config_json(const Wav2Vec2Config& c) {
             {"vocab_size", c.vocab_size},
             {"mask_time_prob", 0.05}};
   return j.dump(2) + "\n";
-}
-
-Wav2Vec2Config wav2vec2_config_from_json(const std::string& text, const std::string& file) {
-  json j = parse_object(text, file);
-  Wav2Vec2Config c;
-  get_opt(j, "hidden_size", &c.hidden_size, file);
-  get_opt(j, "num_hidden_layers", &c.num_hidden_layers, file);
-  get_opt(j, "num_attention_heads", &c.num_attention_heads, file);
-  get_opt(j, "intermediate_size", &c.intermediate_size, file);
-  get_opt(j, "conv_dim", &c.conv_dim, file);
-  get_opt(j, "conv_kernel", &c.conv_kernel, file);
-  get_opt(j, "conv_stride", &c.conv_stride, file);
-  get_opt(j, "num_conv_pos_embeddings", &c.num_conv_pos_embeddings, file);
-  get_opt(j, "num_conv_pos_embedding_groups", &c.num_conv_pos_embedding_groups, file);
-  get_opt(j, "vocab_size", &c.vocab_size, file);
-  if (c.conv_dim.size() != c.conv_kernel.size() || c.conv_dim.empty() || c.num_conv_pos_embedding_groups <= 0 ||
-      c.hidden_size % c.num_conv_pos_embedding_groups != 0) {
-    throw WeightsError(file, "implausible wav2vec2 configuration (conv_dim / conv_kernel / groups)");
-  }
-  return c;
 }
 
 }  // namespace liveavatar::weights

@@ -8,100 +8,42 @@
 #include <string>
 #include <vector>
 
+#include "audio/audio_encoder.h"
+#include "dit/config.h"
+#include "text/text_encoder.h"
+#include "vae/vae.h"
 #include "weights/weights.h"
 
 namespace liveavatar::weights {
 
-/// Mirrors the DiT config.json of Wan2.2-S2V-14B (CausalWanModel_S2V arguments); defaults = the 14B model.
-struct DitConfig {
-  int64_t dim = 5120;
-  int64_t ffn_dim = 13824;
-  int64_t num_heads = 40;
-  int64_t num_layers = 40;
-  int64_t in_dim = 16;
-  int64_t out_dim = 16;
-  int64_t freq_dim = 256;
-  int64_t text_dim = 4096;
-  int64_t cond_dim = 16;
-  int64_t audio_dim = 1024;          // wav2vec2 hidden size
-  int64_t num_audio_token = 4;
-  int64_t num_audio_layers = 25;     // CausalAudioEncoder(num_layers=25), hard-coded upstream
-  std::vector<int64_t> audio_inject_layers = {0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39};
-  bool enable_adain = true;
-  std::string adain_mode = "attn_norm";
-  bool enable_framepack = true;
-  std::vector<int64_t> patch_size = {1, 2, 2};
-};
-
-/// WanVAE_ as built by _video_vae (Wan2.1_VAE.pth).
-struct VaeConfig {
-  int64_t dim = 96;
-  int64_t z_dim = 16;
-  std::vector<int64_t> dim_mult = {1, 2, 4, 4};
-  int64_t num_res_blocks = 2;
-  std::vector<bool> temperal_downsample = {false, true, true};
-};
-
-/// umt5_xxl(encoder_only=True) (models_t5_umt5-xxl-enc-bf16.pth).
-struct T5Config {
-  int64_t vocab_size = 256384;
-  int64_t dim = 4096;
-  int64_t dim_attn = 4096;
-  int64_t dim_ffn = 10240;
-  int64_t num_heads = 64;
-  int64_t num_layers = 24;
-  int64_t num_buckets = 32;
-};
-
-/// HF Wav2Vec2ForCTC config (wav2vec2-large-xlsr-53-english).
-struct Wav2Vec2Config {
-  int64_t hidden_size = 1024;
-  int64_t num_hidden_layers = 24;
-  int64_t num_attention_heads = 16;
-  int64_t intermediate_size = 4096;
-  std::vector<int64_t> conv_dim = {512, 512, 512, 512, 512, 512, 512};
-  std::vector<int64_t> conv_kernel = {10, 3, 3, 3, 3, 2, 2};
-  std::vector<int64_t> conv_stride = {5, 2, 2, 2, 2, 2, 2};
-  int64_t num_conv_pos_embeddings = 128;
-  int64_t num_conv_pos_embedding_groups = 16;
-  int64_t vocab_size = 33;
-};
-
-struct LoraConfig {
-  int64_t rank = 128;
-  double alpha = 64.0;
-  /// PEFT target_modules: a module is targeted when its name ends with ".<target>".
-  std::vector<std::string> targets = {"q", "k", "v", "o", "ffn.0", "ffn.2"};
-};
-
+/// The whole set, each part in its component's own config type.
 struct ModelConfig {
-  DitConfig dit;
-  VaeConfig vae;
-  T5Config t5;
-  Wav2Vec2Config wav2vec2;
-  LoraConfig lora;
+  dit::ModelConfig dit;          // Wan2.2-S2V-14B config.json
+  vae::VaeConfig vae;            // WanVAE_ as built by _video_vae (Wan2.1_VAE.pth)
+  text::T5Config t5;             // umt5_xxl(encoder_only=True) (models_t5_umt5-xxl-enc-bf16.pth)
+  audio::Wav2Vec2Config wav2vec2;  // HF Wav2Vec2ForCTC config (wav2vec2-large-xlsr-53-english)
+  LoraOptions lora;              // the LiveAvatar LoRA (r 128, alpha 64, PEFT targets)
   /// The tiny instance used by tests and benchmarks (see docs/weights.md).
   static ModelConfig tiny();
 };
 
 /// Number of audio injectors upstream builds: AudioInjector_WAN counts (block, inject id) pairs whose names match by
 /// substring ('transformer_blocks.{id}' in 'root.transformer_blocks.{i}').
-int64_t audio_injector_count(const DitConfig& c);
+int64_t audio_injector_count(const dit::ModelConfig& c);
 
-Layout dit_layout(const DitConfig& c, at::ScalarType dtype = at::kBFloat16);
-Layout vae_layout(const VaeConfig& c, at::ScalarType dtype = at::kFloat);
-Layout t5_layout(const T5Config& c, at::ScalarType dtype = at::kBFloat16);
-Layout wav2vec2_layout(const Wav2Vec2Config& c, at::ScalarType dtype = at::kFloat);
+Layout dit_layout(const dit::ModelConfig& c, at::ScalarType dtype = at::kBFloat16);
+Layout vae_layout(const vae::VaeConfig& c, at::ScalarType dtype = at::kFloat);
+Layout t5_layout(const text::T5Config& c, at::ScalarType dtype = at::kBFloat16);
+Layout wav2vec2_layout(const audio::Wav2Vec2Config& c, at::ScalarType dtype = at::kFloat);
 /// LoRA keys (without the PEFT prefix) for every targeted Linear of `dit`.
-Layout lora_layout(const DitConfig& dit, const LoraConfig& lora, at::ScalarType dtype = at::kBFloat16);
+Layout lora_layout(const dit::ModelConfig& dit, const LoraOptions& lora, at::ScalarType dtype = at::kBFloat16);
 
 uint64_t layout_numel(const Layout& layout);
 
 /// config.json texts in the upstream spellings, and back.
-std::string dit_config_json(const DitConfig& c);
-DitConfig dit_config_from_json(const std::string& text, const std::string& file);
-std::string wav2vec2_config_json(const Wav2Vec2Config& c);
-Wav2Vec2Config wav2vec2_config_from_json(const std::string& text, const std::string& file);
+/// (The DiT's: dit::to_config_json and dit::ModelConfig::from_json_text.)
+/// wav2vec2's config.json in the HF spelling (read back by audio::Wav2Vec2Config::from_json_file).
+std::string wav2vec2_config_json(const audio::Wav2Vec2Config& c);
 
 /// File names of the published set, relative to the checkpoint root.
 struct OfficialFiles {

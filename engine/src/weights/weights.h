@@ -188,6 +188,9 @@ struct LoraOptions {
   /// Keys in the LoRA file that are not lora_A / lora_B but name a base weight replace it (PEFT's
   /// load_state_dict(strict=False) then merge does this). false: such keys are an error.
   bool allow_full_weights = true;
+  /// PEFT target_modules: a Linear is adapted when its name ends with ".<target>" (what make-tiny writes and
+  /// inspect expects; the merge itself takes every pair the file has).
+  std::vector<std::string> targets = {"q", "k", "v", "o", "ffn.0", "ffn.2"};
 };
 
 struct LoraReport {

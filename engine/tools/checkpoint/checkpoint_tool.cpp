@@ -155,7 +155,7 @@ InspectResult inspect_checkpoint(const std::string& dir) {
   r.config_source = "built-in Wan2.2-S2V-14B defaults (no config.json found)";
   if (exists(p.dit_config)) {
     std::string text = read_text(p.dit_config);
-    cfg.dit = dit_config_from_json(text, p.dit_config);
+    cfg.dit = dit::ModelConfig::from_json_text(text, p.dit_config);
     r.config_source = p.dit_config;
     if (text.find("\"liveavatar_tiny\": true") != std::string::npos) {
       ModelConfig tiny = ModelConfig::tiny();
@@ -166,7 +166,7 @@ InspectResult inspect_checkpoint(const std::string& dir) {
     }
   }
   if (exists(p.w2v_dir + "/config.json")) {
-    cfg.wav2vec2 = wav2vec2_config_from_json(read_text(p.w2v_dir + "/config.json"), p.w2v_dir + "/config.json");
+    cfg.wav2vec2 = audio::Wav2Vec2Config::from_json_file(p.w2v_dir + "/config.json");
   }
   if (exists(p.dit_index) || !exists(p.dit_single)) {
     add_component(r, "dit", p.dit_index, dit_layout(cfg.dit), [&] { return load_sharded_safetensors(p.dit_index); });
@@ -224,7 +224,7 @@ void make_tiny_checkpoint(const std::string& dir, const ModelConfig& config, uin
   }
   json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
   write_text(dir + "/" + OfficialFiles::kDitIndex, index.dump(2) + "\n");
-  std::string cfg = dit_config_json(config.dit);
+  std::string cfg = dit::to_config_json(config.dit);
   cfg.insert(cfg.find('{') + 1, "\n  \"liveavatar_tiny\": true,");
   write_text(dir + "/" + OfficialFiles::kDitConfig, cfg);
 

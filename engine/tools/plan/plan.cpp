@@ -168,7 +168,13 @@ int main(int argc, char** argv) {
     }
     if (!checkpoint.empty() && !config.empty()) throw PlanError("give --checkpoint or --config, not both");
     if (!checkpoint.empty()) config = checkpoint + "/config.json";
-    if (!config.empty()) r.model = PlannerModelShape::from_config_json(config);
+    if (!config.empty()) {
+      try {
+        r.model = liveavatar::dit::ModelConfig::from_json_file(config);
+      } catch (const liveavatar::dit::DitError& e) {
+        throw PlanError(e.what());
+      }
+    }
     r.devices = parse_devices(devices, reserve);
     r.validate();
     if (table) return print_table(r, json);

@@ -18,7 +18,7 @@
 #include "audio/audio_encoder.h"
 #include "dit/dit.h"
 #include "vae/vae.h"
-#include "planner_dit.h"
+#include "planner.h"
 
 namespace {
 
@@ -229,7 +229,7 @@ int main(int argc, char** argv) {
     // The planner's view of the same run: one device, the engine's dtypes, the text's cross-attention K/V cached per
     // layer (the planner's default), no VAE / encoders / slack (not part of this measurement).
     runtime::PlanRequest request;
-    request.model = runtime::planner_shape(config);
+    request.model = config;
     request.height = height;
     request.width = width;
     request.weights = dtype == at::kFloat ? runtime::Precision::kFp32 : runtime::Precision::kBf16;
