@@ -136,3 +136,38 @@ TEST(EngineNeural, SizeTheModelCannotMakeIsAClearError) {
   EXPECT_THROW(e->set_output_size({200, 128}), Error);
   EXPECT_EQ(e->output_size().width, 128) << "a refused size leaves the size as it was";
 }
+
+// The memory planner runs before any weight file is read: a folder whose weight files are empty is refused for
+// memory when the budget is too small (the empty files are never opened), and only fails on the files when it fits.
+TEST(EngineNeural, MemoryPlannerRefusesBeforeAnyWeightFileIsRead) {
+  ASSERT_TRUE(liveavatar::register_neural_backend());
+  char tmpl[] = "/tmp/liveavatar-empty-weights-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  const std::string base = dir + "/Wan2.2-S2V-14B";
+  ASSERT_EQ(std::system(("mkdir -p '" + base + "/google/umt5-xxl' '" + base + "/wav2vec2-large-xlsr-53-english' && cp '" +
+                         tiny().dir + "/Wan2.2-S2V-14B/config.json' '" + base + "/' && cd '" + base +
+                         "' && touch diffusion_pytorch_model.safetensors Wan2.1_VAE.pth "
+                         "models_t5_umt5-xxl-enc-bf16.pth")
+                            .c_str()),
+            0);
+  auto c = neural_config("thread", 128);
+  c.model_dir = dir;
+  c.memory_budget = 1 << 20;  // 1 MiB: the tiny DiT alone needs more at 128 x 128
+  try {
+    Engine::create(c);
+    FAIL() << "a 1 MiB budget was accepted";
+  } catch (const Error& err) {
+    const std::string what = err.what();
+    EXPECT_NE(what.find("does not fit in memory at 128x128"), std::string::npos) << what;
+    EXPECT_NE(what.find("nothing was loaded"), std::string::npos) << what;
+    EXPECT_NE(what.find(" MiB on cpu, 1.0 free"), std::string::npos) << what;  // the need and the budget, in MiB
+  }
+  c.memory_budget = uint64_t{64} << 30;  // fits: now the (empty) weight files are read, and refused
+  try {
+    Engine::create(c);
+    FAIL() << "empty weight files were accepted";
+  } catch (const Error& err) {
+    EXPECT_EQ(std::string(err.what()).find("does not fit"), std::string::npos) << err.what();
+  }
+  (void)std::system(("rm -rf '" + dir + "'").c_str());
+}

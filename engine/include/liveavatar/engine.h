@@ -106,6 +106,9 @@ struct EngineConfig {
   std::string precision = "fp32";    // fp32 | bf16 | fp8 (e4m3 weights + scale, bf16 activations): the DiT
   std::string device = "cpu";        // cpu | cuda
   int64_t max_area = 0;              // output area cap when width/height are 0; 0 = kDefaultMaxArea (704 x 384)
+  uint64_t memory_budget = 0;        // bytes the model may use on its device, checked by the memory planner from
+                                     // config.json before any weight file is read; 0 = what the device has
+                                     // free (cpu: MemAvailable of /proc/meminfo)
 
   // Generation worker (see the top of this file): "thread" = a worker thread does the model work, "inline" = the
   // caller's thread does, "auto" = thread for backends that work in blocks (liveavatar), inline for the puppet

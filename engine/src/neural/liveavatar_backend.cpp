@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <fstream>
 #include <atomic>
 #include <deque>
 #include <map>
@@ -20,6 +21,8 @@
 #include "../backend.h"
 #include "audio/audio_encoder.h"
 #include "dit/dit.h"
+#include "runtime/planner.h"
+#include "test_seams.h"
 #include "text/text_encoder.h"
 #include "vae/vae.h"
 #include "weights/weights.h"
@@ -165,12 +168,57 @@ struct Models {
     text_options.tokenizer = files.tokenizer;
     text_options.config = infer_t5_config(t5_ckpt, files.t5, dit_config.text_len);
     text_options.device = device;
+    // umT5 in bf16 as upstream runs it (t5_dtype), or in fp32 when everything is (precision=fp32, the golden runs).
+    text_options.dtype = c.precision == "fp32" ? at::kFloat : at::kBFloat16;
     if (text_options.config.dim != dit_config.text_dim)
       throw Error("the umT5 encoder in " + files.t5 + " is " + std::to_string(text_options.config.dim) +
                   " wide but the DiT expects text_dim " + std::to_string(dit_config.text_dim) +
                   ": the files come from different models");
   }
 };
+
+// Bytes the host can still give (MemAvailable of /proc/meminfo); 0 when it cannot be read.
+uint64_t host_available_bytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key, unit;
+  uint64_t kib = 0;
+  while (meminfo >> key >> kib) {
+    std::getline(meminfo, unit);
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return 0;
+}
+
+// The memory planner's verdict for this configuration, from config.json alone (no weight file is opened): a
+// refusal is an Error that names the shortfall and what would fit. The output is planned at the configured size, or
+// at the largest one max-area allows (the reference aspect of upstream) when the size comes from the portrait.
+void check_memory(const EngineConfig& c, const ModelFiles& files) {
+  runtime::PlanRequest request;
+  const int64_t max_area = c.max_area > 0 ? c.max_area : kDefaultMaxArea;
+  const Size size = c.width > 0 && c.height > 0 ? Size{c.width, c.height} : model_output_size(384, 704, max_area);
+  request.width = size.width;
+  request.height = size.height;
+  request.weights = runtime::parse_precision(c.precision);
+  request.parallel = runtime::Parallel::kSingle;
+  uint64_t budget = c.memory_budget;
+  if (budget == 0) {
+    if (c.device != "cpu") return;  // the free memory of a CUDA device is read by the CUDA build (not this one)
+    budget = host_available_bytes();
+    if (budget == 0) return;        // no /proc/meminfo: nothing to check against
+  }
+  request.devices = {runtime::Device{c.device == "cpu" ? "cpu" : "cuda:0", budget}};
+  runtime::Decision decision;
+  try {
+    decision = runtime::decide_for_checkpoint(files.base, request);
+  } catch (const runtime::PlanError& e) {
+    throw Error(std::string("backend=liveavatar cannot plan its memory: ") + e.what());
+  }
+  if (!decision.fits)
+    throw Error("backend=liveavatar does not fit in memory at " + std::to_string(size.width) + "x" +
+                std::to_string(size.height) + ": " + decision.message +
+                " (a smaller width/height or max-area, another precision, or more memory-budget would fit; "
+                "nothing was loaded)");
+}
 
 // One Models per (files, precision, device), kept while any engine uses it.
 std::shared_ptr<Models> shared_models(const EngineConfig& c) {
@@ -179,9 +227,15 @@ std::shared_ptr<Models> shared_models(const EngineConfig& c) {
   const std::string key = c.model_dir + "\n" + c.lora + "\n" + c.precision + "\n" + c.device;
   std::lock_guard<std::mutex> lock(mutex);
   if (auto m = cache[key].lock()) return m;
+  check_memory(c, ModelFiles::locate(c));  // before any weight file is read
   auto m = std::make_shared<Models>(c);
   cache[key] = m;
   return m;
+}
+
+std::shared_ptr<const neural::TestSeams>& test_seams() {
+  static std::shared_ptr<const neural::TestSeams> seams;
+  return seams;
 }
 
 class LiveAvatarBackend final : public Backend {
@@ -190,7 +244,8 @@ class LiveAvatarBackend final : public Backend {
       : config_(config),
         models_(shared_models(config)),
         spf_(config.sample_rate * config.fps_d / config.fps_n),
-        max_area_(config.max_area > 0 ? config.max_area : kDefaultMaxArea) {
+        max_area_(config.max_area > 0 ? config.max_area : kDefaultMaxArea),
+        seams_(test_seams()) {
     if (config.sample_rate != 16000 || config.fps_n != 25 || config.fps_d != 1)
       throw Error("backend=liveavatar runs at 16000 Hz audio and 25 fps video");
     text::EmbeddingCache cache(models_->text_options);
@@ -239,15 +294,19 @@ class LiveAvatarBackend final : public Backend {
   void push_audio_frames(const float* samples, int frames) override {
     c10::NoGradGuard no_grad;
     condition();
-    stream_->push(samples, static_cast<size_t>(frames) * spf_);
-    append_features(stream_->pop());
+    if (seams_ && seams_->audio_features.defined()) {
+      append_features(seam_features(frames));
+    } else {
+      stream_->push(samples, static_cast<size_t>(frames) * spf_);
+      append_features(stream_->pop());
+    }
     run_blocks(/*at_end=*/false);
   }
 
   void finish(int64_t total_frames) override {
     c10::NoGradGuard no_grad;
     condition();
-    append_features(stream_->finish());
+    if (!(seams_ && seams_->audio_features.defined())) append_features(stream_->finish());
     // The last block is padded with silent features (zeros, as upstream pads its audio buckets); the engine shows
     // only the frames up to total_frames.
     const int64_t have = frames_queued_ + pending_frames();
@@ -276,6 +335,7 @@ class LiveAvatarBackend final : public Backend {
     features_ = at::Tensor();
     ready_.clear();
     frames_queued_ = 0;
+    seam_frames_ = 0;
   }
 
  private:
@@ -292,6 +352,16 @@ class LiveAvatarBackend final : public Backend {
   void append_features(const at::Tensor& f) {
     if (!f.defined() || f.size(2) == 0) return;
     features_ = features_.defined() ? at::cat({features_, f.to(at::kFloat)}, 2) : f.to(at::kFloat);
+  }
+
+  // The next `frames` frames of the test seam's features (zeros past its end).
+  at::Tensor seam_features(int64_t frames) {
+    const auto& all = seams_->audio_features;
+    const int64_t have = std::clamp<int64_t>(all.size(2) - seam_frames_, 0, frames);
+    at::Tensor f = at::zeros({all.size(0), all.size(1), frames});
+    if (have > 0) f.narrow(2, 0, have).copy_(all.narrow(2, seam_frames_, have));
+    seam_frames_ += frames;
+    return f;
   }
 
   void throw_if_cancelled() const {
@@ -312,10 +382,15 @@ class LiveAvatarBackend final : public Backend {
     const double s = std::max(static_cast<double>(w) / reference_.width, static_cast<double>(h) / reference_.height);
     const int64_t sw = std::max<int64_t>(w, static_cast<int64_t>(std::lround(reference_.width * s)));
     const int64_t sh = std::max<int64_t>(h, static_cast<int64_t>(std::lround(reference_.height * s)));
-    img = at::upsample_bilinear2d(img, {sh, sw}, /*align_corners=*/false);
-    img = img.narrow(2, (sh - h) / 2, h).narrow(3, (sw - w) / 2, w);
+    if (sh != reference_.height || sw != reference_.width) {
+      img = at::upsample_bilinear2d(img, {sh, sw}, /*align_corners=*/false);
+      img = img.narrow(2, (sh - h) / 2, h).narrow(3, (sw - w) / 2, w);
+    } else if (sh != h || sw != w) {
+      img = img.narrow(2, (sh - h) / 2, h).narrow(3, (sw - w) / 2, w);
+    }
     const auto device = models_->vae->device();
-    auto ref = (img / 127.5 - 1.0).clamp(-1.0, 1.0).unsqueeze(2).to(device);  // [1, 3, 1, H, W] in [-1, 1]
+    // ToTensor() * 2 - 1, as upstream: [1, 3, 1, H, W] in [-1, 1].
+    auto ref = (img.div(255) * 2 - 1.0).clamp(-1.0, 1.0).unsqueeze(2).contiguous().to(device);
     auto e = std::make_unique<Encoded>();
     e->ref_latent = models_->vae->encode(ref)[0];  // [16, 1, h, w]
     throw_if_cancelled();
@@ -333,6 +408,7 @@ class LiveAvatarBackend final : public Backend {
     dit::SessionOptions so;
     so.seed = config_.seed;
     so.rope_seed = config_.seed;
+    if (seams_) so.rope_offsets = seams_->rope_offsets;
     so.cancelled = [this] { return cancel_ && cancel_->load(); };  // checked between denoising steps
     auto session = std::make_unique<dit::Session>(*models_->dit, so);
     const auto dtype = models_->dit->dtype();
@@ -396,6 +472,8 @@ class LiveAvatarBackend final : public Backend {
   std::deque<Frame> ready_;
   int64_t frames_queued_ = 0;
   const std::atomic<bool>* cancel_ = nullptr;
+  std::shared_ptr<const neural::TestSeams> seams_;  // tests only (test_seams.h)
+  int64_t seam_frames_ = 0;                          // frames of seams_->audio_features handed out
 };
 
 std::unique_ptr<Backend> make_liveavatar_backend(const EngineConfig& config) {
@@ -403,6 +481,10 @@ std::unique_ptr<Backend> make_liveavatar_backend(const EngineConfig& config) {
 }
 
 }  // namespace
+
+namespace neural {
+void set_test_seams(std::shared_ptr<const TestSeams> seams) { test_seams() = std::move(seams); }
+}  // namespace neural
 
 bool register_neural_backend() {
   register_backend("liveavatar", &make_liveavatar_backend);
