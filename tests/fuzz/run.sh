@@ -16,7 +16,7 @@ if ! "$cxx" -fsanitize=fuzzer "$probe" -o "$out/probe" 2>/dev/null; then
   exit 77
 fi
 torch=$(ls -d "$src"/.venv/lib/python3*/site-packages/torch | head -n 1)
-flags=(-std=c++17 -O1 -g -DLIVEAVATAR_FUZZING -fsanitize=fuzzer,address,undefined -fno-sanitize=vptr -D_GLIBCXX_USE_CXX11_ABI=1
+flags=(-std=c++17 -O1 -g -DLIVEAVATAR_FUZZING -fsanitize=fuzzer,address,undefined -fno-sanitize=vptr -fno-sanitize-recover=undefined -D_GLIBCXX_USE_CXX11_ABI=1
        -I"$src/engine/include" -I"$src/engine/src" -I"$src/engine/src/weights"
        -isystem "$torch/include" -isystem "$torch/include/torch/csrc/api/include")
 libs=(-L"$torch/lib" -Wl,-rpath,"$torch/lib" -Wl,--no-as-needed -ltorch_cpu -lc10 -Wl,--as-needed)
@@ -30,9 +30,12 @@ build() {  # target sources...
   nice "$cxx" "${flags[@]}" "$@" -o "$out/$target" "${libs[@]}"
 }
 build safetensors_header_fuzzer "$src/tests/fuzz/safetensors_header_fuzzer.cpp" "$w/safetensors.cpp" "$w/mapped_file.cpp"
-build pth_fuzzer "$src/tests/fuzz/pth_fuzzer.cpp" "$w/pth.cpp" "$w/safetensors.cpp" "$w/mapped_file.cpp"
+build pth_fuzzer "$src/tests/fuzz/pth_fuzzer.cpp" "$w/pth.cpp" "$w/zip_reader.cpp" "$w/unpickler.cpp" "$w/pth_writer.cpp" \
+  "$w/safetensors.cpp" "$w/mapped_file.cpp"
+build model_config_fuzzer "$src/tests/fuzz/model_config_fuzzer.cpp" "$src/engine/src/dit/config.cpp" \
+  "$src/engine/src/runtime/planner.cpp" "$src/engine/src/runtime/planner_config.cpp"
 status=0
-for target in safetensors_header_fuzzer pth_fuzzer; do
+for target in safetensors_header_fuzzer pth_fuzzer model_config_fuzzer; do
   corpus="$out/corpus-$target"
   mkdir -p "$corpus"
   cp -n "$src/tests/fuzz/corpus/$target"/* "$corpus"/ 2>/dev/null || true
