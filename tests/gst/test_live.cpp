@@ -28,8 +28,19 @@ TEST(Latency, BlockModelReportsBlockPlusProcessingWithoutBusyLoop) {
   EXPECT_LT(r.cpu, 0.3 * r.wall) << "CPU " << r.cpu << " s in " << r.wall << " s: a busy loop?";
 }
 
+// The first block takes 2 s while the latency still says 520 ms: the first frame is overdue for more than a second,
+// and the element waits for it on the engine (wait_frame), not by spinning through the aggregator.
+TEST(Latency, NoBusyLoopWhileALateBlockIsMade) {
+  const LiveRun r = run_live("lag-policy=wait", 2000, 0.4);
+  ASSERT_EQ(r.error, "");
+  expect_exact_frames(r, 0.4);
+  EXPECT_GT(r.wall_first, 1.5) << "the first frame came late: the element had to wait";
+  EXPECT_LT(r.cpu_first, 0.25 * r.wall_first)
+      << "CPU " << r.cpu_first << " s in the " << r.wall_first << " s before the first frame: a busy loop?";
+}
+
 // A block model slower than real time (700 ms per 480 ms block), lag-policy=wait: every model frame is shown, the
-// latency grows and is reported.
+// latency grows and is reported; the element waits for the late frames without spinning.
 TEST(LagPolicy, WaitShowsEveryFrameAndTheLatencyGrows) {
   const LiveRun r = run_live("lag-policy=wait", 700, 4.0);
   ASSERT_EQ(r.error, "");
@@ -38,6 +49,7 @@ TEST(LagPolicy, WaitShowsEveryFrameAndTheLatencyGrows) {
   EXPECT_GE(r.latency_messages_playing, 2);
   EXPECT_GT(r.latency_at_end, kSource + kBlock + 2 * 700 * GST_MSECOND) << "blocks queued: the latency grew";
   EXPECT_GT(worst_delay(r), kBlock + 700 * GST_MSECOND + 500 * GST_MSECOND);
+  EXPECT_LT(r.cpu, 0.3 * r.wall) << "CPU " << r.cpu << " s in " << r.wall << " s: a busy loop while waiting?";
 }
 
 // lag-policy=drop: frames not made in time repeat the last frame, the model skips what it cannot make in time; the
