@@ -944,7 +944,7 @@ static GstFlowReturn gst_live_avatar_aggregate_impl(GstLiveAvatar* self, gboolea
 
   bool waiting = false;
   GstFlowReturn ret = drain_frames(self, &waiting, /*at_end=*/false, backlog);
-  update_latency(self);
+  if (priv->live) update_latency(self);  // not live, nobody waits on it: no LATENCY messages to redistribute
   if (ret != GST_FLOW_OK || waiting) return ret;
 
   if (gst_aggregator_pad_is_eos(self->audio_pad) && !gst_aggregator_pad_has_buffer(self->audio_pad)) {
