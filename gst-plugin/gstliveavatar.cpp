@@ -12,9 +12,12 @@
  *
  * Frame n covers the audio [n/25 s, (n+1)/25 s) of the audio segment and is stamped segment start + n/25 s. With
  * non-live input the element runs as fast as it can and the video is exactly as long as the audio. With live input
- * frames follow the clock: the element adds one frame (40 ms) of latency, and when audio is late or missing it keeps
- * the avatar idling (mouth closed, blinking, breathing) instead of stalling; audio that arrives after its frame was
- * shown is dropped. Add latency for slow sources with the aggregator's `latency` property.
+ * frames follow the clock: the element reports its real latency (puppet: one frame, 40 ms; backend=liveavatar: a
+ * block of audio, 480 ms, plus the measured processing of a block, plus with lag-policy=wait the blocks queued) and
+ * posts a LATENCY message when that figure changes; when audio is late or missing it keeps the avatar idling (mouth
+ * closed, blinking, breathing) instead of stalling; audio that arrives after its frame was shown is dropped. When
+ * the model cannot make a frame by its time, `lag-policy` decides: wait for it, repeat the last frame, or let the
+ * puppet draw it. Add latency for slow sources with the aggregator's `latency` property. See docs/element.md.
  *
  * Seeks (flushing, in PAUSED, segment seeks) go to the audio branch; an image branch that cannot seek keeps its
  * picture. The duration is the audio's.
@@ -78,10 +81,17 @@ enum {
   PROP_LORA,
   PROP_PROMPT,
   PROP_PRECISION,
+  PROP_MAX_AREA,
+  PROP_LAG_POLICY,
 };
 
 enum GstLiveAvatarBackend { GST_LIVE_AVATAR_BACKEND_PUPPET = 0, GST_LIVE_AVATAR_BACKEND_LIVEAVATAR = 1 };
 enum GstLiveAvatarPrecision { GST_LIVE_AVATAR_PRECISION_FP32 = 0, GST_LIVE_AVATAR_PRECISION_BF16 = 1 };
+enum GstLiveAvatarLagPolicy {
+  GST_LIVE_AVATAR_LAG_POLICY_WAIT = 0,
+  GST_LIVE_AVATAR_LAG_POLICY_DROP = 1,
+  GST_LIVE_AVATAR_LAG_POLICY_PUPPET = 2,
+};
 
 #define DEFAULT_BACKEND GST_LIVE_AVATAR_BACKEND_PUPPET
 #define DEFAULT_WIDTH 0
@@ -92,12 +102,19 @@ enum GstLiveAvatarPrecision { GST_LIVE_AVATAR_PRECISION_FP32 = 0, GST_LIVE_AVATA
 #define DEFAULT_LORA ""
 #define DEFAULT_PROMPT "A person is talking to the camera."
 #define DEFAULT_PRECISION GST_LIVE_AVATAR_PRECISION_FP32
+#define DEFAULT_MAX_AREA static_cast<guint>(liveavatar::kDefaultMaxArea)
+#define DEFAULT_LAG_POLICY GST_LIVE_AVATAR_LAG_POLICY_WAIT
 
 static constexpr int kFpsN = 25;
 static constexpr int kFpsD = 1;
 static constexpr int kRate = 16000;
 static constexpr int kMaxImageSide = 4096;  // larger portraits are scaled down on arrival
 static const GstClockTime kFrameDuration = GST_SECOND * kFpsD / kFpsN;
+// Live, policy wait: a late frame is waited for in slices this long, so audio arriving meanwhile is not held up.
+static constexpr std::chrono::milliseconds kWaitSlice{10};
+// Live, policy wait: audio the model has not turned into frames yet is bounded; beyond it the element stops taking
+// audio (the audio pad's queue then holds it back upstream).
+static constexpr gint64 kMaxPendingFrames = 25 * 30;
 
 GType gst_live_avatar_backend_get_type(void) {
   static GType type = 0;
@@ -126,6 +143,24 @@ static GType gst_live_avatar_precision_get_type(void) {
   return type;
 }
 
+#define GST_TYPE_LIVE_AVATAR_LAG_POLICY (gst_live_avatar_lag_policy_get_type())
+static GType gst_live_avatar_lag_policy_get_type(void) {
+  static GType type = 0;
+  static const GEnumValue values[] = {
+      {GST_LIVE_AVATAR_LAG_POLICY_WAIT, "Wait for every model frame: the latency grows (reported)", "wait"},
+      {GST_LIVE_AVATAR_LAG_POLICY_DROP,
+       "Skip stale blocks; a frame not ready in time repeats the last frame shown", "drop"},
+      {GST_LIVE_AVATAR_LAG_POLICY_PUPPET,
+       "Skip stale blocks; a frame not ready in time is drawn by the puppet from the same portrait and audio",
+       "puppet"},
+      {0, nullptr, nullptr}};
+  if (g_once_init_enter(&type)) {
+    GType t = g_enum_register_static("GstLiveAvatarLagPolicy", values);
+    g_once_init_leave(&type, t);
+  }
+  return type;
+}
+
 // Properties, copied under GST_OBJECT_LOCK; a snapshot is taken at READY->PAUSED.
 struct Settings {
   GstLiveAvatarBackend backend = DEFAULT_BACKEND;
@@ -137,6 +172,8 @@ struct Settings {
   std::string lora = DEFAULT_LORA;
   std::string prompt = DEFAULT_PROMPT;
   GstLiveAvatarPrecision precision = DEFAULT_PRECISION;
+  guint max_area = DEFAULT_MAX_AREA;
+  GstLiveAvatarLagPolicy lag_policy = DEFAULT_LAG_POLICY;
 };
 
 // Runtime state, touched only by the aggregate thread (and start/stop while that thread is stopped).
@@ -157,14 +194,25 @@ struct State {
   std::string picture_warnings;  // what the current run of pictures was warned about (posted once, not per picture)
   bool finished = false;      // audio EOS: all frames pushed
   bool segment_done = false;  // SEGMENT_DONE: the tail is pushed; the next audio starts a new timeline
+  // Live with a block model (threaded engine): frames the model does not make in time are replaced (lag-policy).
+  GstBuffer* last_frame = nullptr;               // the last frame pushed, repeated by lag-policy=drop
+  std::unique_ptr<liveavatar::Engine> stand_in;  // the puppet, fed the same audio, draws replaced frames
+  liveavatar::EngineConfig config;                // what the engine was made with (the stand-in copies it)
+  std::vector<uint8_t> reference_rgb;            // the current picture, for the stand-in
+  int reference_width = 0, reference_height = 0;
+  bool stalled = false;  // the next frame is overdue and its block waits for audio (get_next_time)
+  gint64 resume_at = 0;  // after a stand-in: the first frame the model was asked to make in time (skip_to)
 
   void clear_stream() {
     origin_rt = GST_CLOCK_TIME_NONE;
     picture_end_rt = GST_CLOCK_TIME_NONE;
     frames_out = 0;
+    resume_at = 0;
     finished = false;
     segment_done = false;
+    gst_buffer_replace(&last_frame, nullptr);
     if (engine) engine->reset();
+    if (stand_in) stand_in->reset();
   }
 };
 
@@ -175,6 +223,9 @@ struct _GstLiveAvatarPrivate {
   GstClockTime qos_earliest = GST_CLOCK_TIME_NONE;
   guint64 qos_processed = 0;
   guint64 qos_late = 0;
+  guint64 qos_dropped = 0;  // model frames not shown (lag-policy drop / puppet)
+  // The element's own latency as last reported with gst_aggregator_set_latency (read by get_next_time).
+  std::atomic<GstClockTime> own_latency{0};
   std::atomic<bool> need_reset{false};  // set by flushes, handled by the aggregate thread
   bool live = false;
   // Seeks: the seqnum of the last one handled (a pipeline sends one per sink), and of the last FLUSH_STOP that
@@ -310,30 +361,58 @@ static bool negotiate_output(GstLiveAvatar* self) {
 // Downstream said (QoS event) that buffers before earliest_time arrive too late. Every frame is still pushed, since
 // encoders and muxers need a gap-free timeline, but the lateness is reported with a QoS message so applications can
 // see that the backend does not keep up (and pick a lighter backend or a smaller size).
-static void report_lateness(GstLiveAvatar* self, GstClockTime rt, GstClockTime rt_end, GstClockTime pts) {
+// A frame the model did not make in time (live, lag-policy drop or puppet) is reported the same way, with the model
+// frames replaced so far as "dropped".
+static void report_lateness(GstLiveAvatar* self, GstClockTime rt, GstClockTime rt_end, GstClockTime pts,
+                            bool replaced) {
   GstLiveAvatarPrivate* priv = self->priv;
   GST_OBJECT_LOCK(self);
   priv->qos_processed++;
+  if (replaced) priv->qos_dropped++;
   const bool late = GST_CLOCK_TIME_IS_VALID(priv->qos_earliest) && rt_end <= priv->qos_earliest;
   if (late) priv->qos_late++;
-  const guint64 processed = priv->qos_processed, late_count = priv->qos_late;
+  const guint64 processed = priv->qos_processed, late_count = priv->qos_late, dropped = priv->qos_dropped;
   GST_OBJECT_UNLOCK(self);
-  if (!late) return;
+  if (!late && !replaced) return;
   const GstSegment* seg = &GST_AGGREGATOR_PAD(GST_AGGREGATOR(self)->srcpad)->segment;
   GstMessage* m = gst_message_new_qos(GST_OBJECT(self), priv->live, rt,
                                       gst_segment_to_stream_time(seg, GST_FORMAT_TIME, pts), pts, rt_end - rt);
-  // Nothing is dropped: "dropped" stays 0 and "processed" counts every frame, late ones included.
-  gst_message_set_qos_stats(m, GST_FORMAT_BUFFERS, processed, 0);
+  // "processed" counts every frame pushed; "dropped" the model frames replaced by a stand-in (a frame is never
+  // left out of the stream: encoders and muxers need a gap-free timeline).
+  gst_message_set_qos_stats(m, GST_FORMAT_BUFFERS, processed, dropped);
   gst_message_set_qos_values(m, 0, 1.0, 1000000);
   GST_DEBUG_OBJECT(self, "frame at %" GST_TIME_FORMAT " is late (%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT ")",
                    GST_TIME_ARGS(rt), late_count, processed);
   gst_element_post_message(GST_ELEMENT(self), m);
 }
 
-// One frame from the engine -> a timestamped buffer downstream.
-static GstFlowReturn push_frame(GstLiveAvatar* self, const liveavatar::Frame& f) {
+// Timestamps buffer as frame `index` of the stream and pushes it; `replaced`: a stand-in for a model frame.
+static GstFlowReturn push_buffer(GstLiveAvatar* self, GstBuffer* buf, gint64 index, bool replaced) {
   State& st = self->priv->state;
   GstAggregator* agg = GST_AGGREGATOR(self);
+  const GstSegment* seg = &GST_AGGREGATOR_PAD(agg->srcpad)->segment;
+  const GstClockTime rt = st.origin_rt + gst_util_uint64_scale(index, GST_SECOND * kFpsD, kFpsN);
+  const GstClockTime rt_end = st.origin_rt + gst_util_uint64_scale(index + 1, GST_SECOND * kFpsD, kFpsN);
+  const GstClockTime pts = gst_segment_position_from_running_time(seg, GST_FORMAT_TIME, rt);
+  const GstClockTime end = gst_segment_position_from_running_time(seg, GST_FORMAT_TIME, rt_end);
+  GST_BUFFER_PTS(buf) = pts;
+  GST_BUFFER_DTS(buf) = GST_CLOCK_TIME_NONE;
+  GST_BUFFER_DURATION(buf) = GST_CLOCK_TIME_IS_VALID(end) && GST_CLOCK_TIME_IS_VALID(pts) ? end - pts : kFrameDuration;
+  GST_BUFFER_OFFSET(buf) = index;
+  GST_BUFFER_OFFSET_END(buf) = index + 1;
+  if (index == 0) GST_BUFFER_FLAG_SET(buf, GST_BUFFER_FLAG_DISCONT);
+  st.frames_out = index + 1;
+  report_lateness(self, rt, rt_end, pts, replaced);
+  GST_AGGREGATOR_PAD(agg->srcpad)->segment.position = GST_CLOCK_TIME_IS_VALID(end) ? end : pts;
+  GST_LOG_OBJECT(self, "frame %" G_GINT64_FORMAT " pts %" GST_TIME_FORMAT "%s", index, GST_TIME_ARGS(pts),
+                 replaced ? " (stand-in)" : "");
+  if (self->priv->live) gst_buffer_replace(&st.last_frame, buf);
+  return gst_aggregator_finish_buffer(agg, buf);
+}
+
+// One frame from the engine (or the stand-in puppet) -> a timestamped buffer downstream.
+static GstFlowReturn push_frame(GstLiveAvatar* self, const liveavatar::Frame& f, gint64 index, bool replaced) {
+  State& st = self->priv->state;
   const GstVideoInfo* info = &st.out_info;
   if (f.width != GST_VIDEO_INFO_WIDTH(info) || f.height != GST_VIDEO_INFO_HEIGHT(info)) {
     GST_ELEMENT_ERROR(self, CORE, FAILED, ("Internal error: frame size does not match the caps."),
@@ -367,24 +446,7 @@ static GstFlowReturn push_frame(GstLiveAvatar* self, const liveavatar::Frame& f)
     gst_buffer_unref(rgb);
   }
   gst_video_frame_unmap(&vf);
-
-  const GstSegment* seg = &GST_AGGREGATOR_PAD(agg->srcpad)->segment;
-  const GstClockTime rt = st.origin_rt + gst_util_uint64_scale(f.index, GST_SECOND * kFpsD, kFpsN);
-  const GstClockTime rt_end = st.origin_rt + gst_util_uint64_scale(f.index + 1, GST_SECOND * kFpsD, kFpsN);
-  const GstClockTime pts = gst_segment_position_from_running_time(seg, GST_FORMAT_TIME, rt);
-  const GstClockTime end = gst_segment_position_from_running_time(seg, GST_FORMAT_TIME, rt_end);
-  GST_BUFFER_PTS(buf) = pts;
-  GST_BUFFER_DTS(buf) = GST_CLOCK_TIME_NONE;
-  GST_BUFFER_DURATION(buf) = GST_CLOCK_TIME_IS_VALID(end) && GST_CLOCK_TIME_IS_VALID(pts) ? end - pts : kFrameDuration;
-  GST_BUFFER_OFFSET(buf) = f.index;
-  GST_BUFFER_OFFSET_END(buf) = f.index + 1;
-  if (f.index == 0) GST_BUFFER_FLAG_SET(buf, GST_BUFFER_FLAG_DISCONT);
-  st.frames_out = f.index + 1;
-  report_lateness(self, rt, rt_end, pts);
-  GST_AGGREGATOR_PAD(agg->srcpad)->segment.position = GST_CLOCK_TIME_IS_VALID(end) ? end : pts;
-  GST_LOG_OBJECT(self, "frame %" G_GINT64_FORMAT " pts %" GST_TIME_FORMAT " mouth %.2f", f.index,
-                 GST_TIME_ARGS(pts), f.mouth_open);
-  return gst_aggregator_finish_buffer(agg, buf);
+  return push_buffer(self, buf, index, replaced);
 }
 
 static void post_engine_warnings(GstLiveAvatar* self) {
@@ -403,6 +465,62 @@ static void post_picture_warnings(GstLiveAvatar* self) {
       GST_ELEMENT_WARNING(self, STREAM, FAILED, ("%s", w.c_str()), (nullptr));
   }
   st.picture_warnings = all;
+}
+
+// Audio for the engine and for the stand-in puppet (live, lag-policy drop/puppet), which follows the same timeline.
+static void push_audio(State& st, const float* samples, size_t n) {
+  st.engine->push_audio(samples, n);
+  if (st.stand_in) st.stand_in->push_audio(samples, n);
+}
+static void push_silence(State& st, size_t n) {
+  st.engine->push_silence(n);
+  if (st.stand_in) st.stand_in->push_silence(n);
+}
+
+static GstLiveAvatarLagPolicy lag_policy(GstLiveAvatar* self) {
+  GST_OBJECT_LOCK(self);
+  const GstLiveAvatarLagPolicy p = self->priv->settings.lag_policy;
+  GST_OBJECT_UNLOCK(self);
+  return p;
+}
+
+// The pipeline clock's running time now; NONE without a clock.
+static GstClockTime running_time_now(GstLiveAvatar* self) {
+  GstClock* clock = gst_element_get_clock(GST_ELEMENT(self));
+  if (!clock) return GST_CLOCK_TIME_NONE;
+  const GstClockTime now = gst_clock_get_time(clock);
+  gst_object_unref(clock);
+  const GstClockTime base = gst_element_get_base_time(GST_ELEMENT(self));
+  return now > base ? now - base : 0;
+}
+
+// The element's own latency: from a sample arriving to its frame being ready. The puppet draws a frame as soon as
+// its audio is in: one frame. A block model (the engine's worker) needs a block of audio, the processing of a block
+// and, with lag-policy=wait, the blocks queued ahead (Engine::latency()); with drop/puppet the queued blocks are
+// skipped instead of waited for, so only one block's processing counts.
+// A block model gets one frame more: its last frame's audio and the block's start are not the same instant (a block
+// made of silence while the audio is late starts right when that silence is due).
+static GstClockTime own_latency(GstLiveAvatar* self, GstLiveAvatarLagPolicy policy) {
+  const liveavatar::EngineStats s = self->priv->state.engine->stats();
+  if (!s.threaded) return kFrameDuration;
+  if (policy == GST_LIVE_AVATAR_LAG_POLICY_WAIT)
+    return static_cast<GstClockTime>(self->priv->state.engine->latency().count()) + kFrameDuration;
+  return (s.frames_per_block + 1) * kFrameDuration + static_cast<GstClockTime>(s.ms_per_block * GST_MSECOND);
+}
+
+// Reports the latency when it rose by more than a frame, or fell by more than a block (a model's figure swings by
+// one block's processing as each block starts and ends; it is not worth a new pipeline latency each time).
+// gst_aggregator_set_latency posts the LATENCY message; the application then redistributes the latency.
+static void update_latency(GstLiveAvatar* self, bool force = false) {
+  const liveavatar::EngineStats s = self->priv->state.engine->stats();
+  const GstClockTime now = own_latency(self, lag_policy(self));
+  const GstClockTime was = self->priv->own_latency.load();
+  if (!force && now <= was + kFrameDuration && now + s.frames_per_block * kFrameDuration >= was) return;
+  GST_INFO_OBJECT(self, "latency %" GST_TIME_FORMAT " (was %" GST_TIME_FORMAT ")", GST_TIME_ARGS(now),
+                  GST_TIME_ARGS(was));
+  self->priv->own_latency = now;
+  // A block model keeps the audio it is given (the engine's queue): it can buffer any latency upstream needs.
+  gst_aggregator_set_latency(GST_AGGREGATOR(self), now, s.threaded ? GST_CLOCK_TIME_NONE : now);
 }
 
 // Running time at which frame `index` starts.
@@ -461,6 +579,13 @@ static bool consume_images(GstLiveAvatar* self) {
     view.format = liveavatar::PixelFormat::kRGB8;
     st.engine->set_reference(view);  // throws liveavatar::Error for unusable pictures
     post_picture_warnings(self);
+    if (st.stand_in) {
+      st.stand_in->set_reference(view);
+      st.stand_in->take_warnings();  // the engine's own warnings were posted
+    }
+    st.reference_rgb.swap(rgb);
+    st.reference_width = w;
+    st.reference_height = h;
     GST_INFO_OBJECT(self, "reference %dx%d from frame %" G_GINT64_FORMAT ", output %dx%d", w, h, st.frames_out,
                     st.engine->output_size().width, st.engine->output_size().height);
     if (!st.have_reference) {
@@ -471,36 +596,175 @@ static bool consume_images(GstLiveAvatar* self) {
   return true;
 }
 
+// Live with a block model and lag-policy drop/puppet: the puppet on the same portrait, fed the same audio, so it can
+// draw any frame the model does not make in time. Made when first needed; mid-stream it starts with silence.
+static void ensure_stand_in(GstLiveAvatar* self) {
+  State& st = self->priv->state;
+  if (st.stand_in || st.reference_rgb.empty()) return;
+  liveavatar::EngineConfig c = st.config;
+  c.backend = "puppet";
+  c.worker = "inline";
+  c.testing_block_delay_ms = 0;
+  const liveavatar::Size size = st.engine->output_size();
+  c.width = size.width;
+  c.height = size.height;
+  auto e = liveavatar::Engine::create(c);
+  liveavatar::ImageView view;
+  view.data = st.reference_rgb.data();
+  view.width = st.reference_width;
+  view.height = st.reference_height;
+  view.stride = st.reference_width * 3;
+  e->set_reference(view);
+  e->take_warnings();
+  if (st.engine->samples_pushed() > 0) e->push_silence(static_cast<size_t>(st.engine->samples_pushed()));
+  e->skip_to(st.frames_out);
+  st.stand_in = std::move(e);
+  GST_INFO_OBJECT(self, "stand-in puppet ready from frame %" G_GINT64_FORMAT, st.frames_out);
+}
+
+// Pushes a stand-in for the model's frame `frames_out` (lag-policy drop: the last frame again; puppet, or drop
+// before any frame: the puppet's frame). Returns GST_FLOW_CUSTOM_SUCCESS when nothing could stand in.
+static GstFlowReturn replace_frame(GstLiveAvatar* self, GstLiveAvatarLagPolicy policy) {
+  State& st = self->priv->state;
+  const gint64 k = st.frames_out;
+  GstFlowReturn ret = GST_FLOW_CUSTOM_SUCCESS;
+  if (policy == GST_LIVE_AVATAR_LAG_POLICY_DROP && st.last_frame) {
+    ret = push_buffer(self, gst_buffer_copy(st.last_frame), k, /*replaced=*/true);  // shares the pixels
+  } else if (st.stand_in) {
+    st.stand_in->skip_to(k);
+    liveavatar::Frame f;
+    if (st.stand_in->pop_frame(&f)) ret = push_frame(self, f, k, /*replaced=*/true);
+  }
+  if (ret == GST_FLOW_CUSTOM_SUCCESS && st.last_frame)
+    ret = push_buffer(self, gst_buffer_copy(st.last_frame), k, /*replaced=*/true);
+  return ret;
+}
+
+// After a stand-in: tells the engine which frames are stale, those whose time comes before a block started now could
+// be made, so it skips their blocks and catches up. Once per lag: until the model reaches that frame the target stays
+// (moving it on with every stand-in would make every block the model finishes stale).
+static void skip_stale(GstLiveAvatar* self, GstClockTime now, GstClockTime latency) {
+  State& st = self->priv->state;
+  const gint64 k = st.frames_out - 1;  // the frame just replaced
+  if (k < st.resume_at) return;
+  const liveavatar::EngineStats s = st.engine->stats();
+  // A block started now is ready after its processing; one is probably in progress already (it cannot be stopped
+  // part-way without losing the model's state), which the new one waits for.
+  const int busy = s.frames_pending >= s.frames_per_block ? 1 : 0;
+  const GstClockTime ready = now + static_cast<GstClockTime>((1 + busy) * s.ms_per_block * GST_MSECOND);
+  gint64 first_in_time = k + 1;
+  if (ready > st.origin_rt + latency)
+    first_in_time = std::max<gint64>(
+        first_in_time, static_cast<gint64>(gst_util_uint64_scale_ceil(ready - st.origin_rt - latency, kFpsN,
+                                                                      GST_SECOND * kFpsD)));
+  st.engine->skip_to(first_in_time);
+  st.resume_at = first_in_time;
+  GST_DEBUG_OBJECT(self, "frame %" G_GINT64_FORMAT " not ready in time: stand-in; model resumes at frame %" G_GINT64_FORMAT,
+                   k, first_in_time);
+}
+
 // Pushes the frames the engine has ready. Pictures that fall due between two frames are taken in between, so each
 // frame is drawn with the picture of its own time even when one audio buffer completes many frames. Not live, when
 // the last picture has a duration that ends before the next frame (a moving picture) and the next picture is not
 // queued yet, it stops and sets *waiting: the frame is drawn once that picture arrives or the image pad ends. A
 // picture without a duration (a still) holds until replaced; live, the clock does not wait for pictures.
-static GstFlowReturn drain_frames(GstLiveAvatar* self, bool* waiting = nullptr) {
-  State& st = self->priv->state;
+//
+// Live with a block model (the engine's worker), frames are paced by their deadline: running time + the latency.
+// Before it, a frame not made yet is left to the next call (the aggregator wakes us at the deadline, or when audio
+// comes). At it, lag-policy decides: wait (block in short slices until the model delivers, leaving at once when audio
+// waits to be taken), or drop/puppet (a stand-in, and the model skips the stale blocks). At the end of the stream
+// (at_end) or with too much audio queued in the engine (backlog) there is no audio to take: it blocks until done.
+static GstFlowReturn drain_frames(GstLiveAvatar* self, bool* waiting = nullptr, bool at_end = false,
+                                  bool backlog = false) {
+  GstLiveAvatarPrivate* priv = self->priv;
+  State& st = priv->state;
+  GstAggregator* agg = GST_AGGREGATOR(self);
+  const bool paced = priv->live && st.engine->stats().threaded;
+  if (paced && lag_policy(self) != GST_LIVE_AVATAR_LAG_POLICY_WAIT && st.out_negotiated) ensure_stand_in(self);
   liveavatar::Frame f;
+  std::chrono::milliseconds wait{0};
+  bool waited = false;
+  st.stalled = false;
   for (;;) {
     if (!consume_images(self)) return GST_FLOW_ERROR;
-    if (waiting && !self->priv->live && GST_CLOCK_TIME_IS_VALID(st.picture_end_rt) &&
+    if (waiting && !priv->live && GST_CLOCK_TIME_IS_VALID(st.picture_end_rt) &&
         GST_CLOCK_TIME_IS_VALID(st.origin_rt) && frame_start_rt(st, st.frames_out) >= st.picture_end_rt &&
         !gst_aggregator_pad_is_eos(self->image_pad) && !gst_aggregator_pad_has_buffer(self->image_pad)) {
       *waiting = true;
       break;
     }
-    bool got = st.engine->pop_frame(&f);
-    // Not live: wait for the blocks whose audio is in (two blocks pending guarantee one can be made: the audio
-    // features' lookahead is less than a block). Otherwise a muxer that interleaves this video with the same audio
-    // stalls the audio branch while the frames it needs sit in the engine's queue, and nothing calls us again.
-    while (!got && !self->priv->live && !self->priv->need_reset.load()) {
-      const liveavatar::EngineStats s = st.engine->stats();
-      if (!s.threaded || s.frames_pending < 2 * s.frames_per_block) break;
-      got = st.engine->wait_frame(&f, std::chrono::milliseconds(100));
+    bool got;
+    if (paced) {
+      got = st.engine->wait_frame(&f, wait);
+      wait = std::chrono::milliseconds{0};
+    } else {
+      got = st.engine->pop_frame(&f);
+      // Not live: wait for the blocks whose audio is in (two blocks pending guarantee one can be made: the audio
+      // features' lookahead is less than a block). Otherwise a muxer that interleaves this video with the same audio
+      // stalls the audio branch while the frames it needs sit in the engine's queue, and nothing calls us again.
+      while (!got && !priv->live && !priv->need_reset.load()) {
+        const liveavatar::EngineStats s = st.engine->stats();
+        if (!s.threaded || s.frames_pending < 2 * s.frames_per_block) break;
+        got = st.engine->wait_frame(&f, std::chrono::milliseconds(100));
+      }
     }
-    if (!got) break;
-    GstFlowReturn ret = push_frame(self, f);
-    if (ret != GST_FLOW_OK) return ret;
-    if (self->priv->need_reset.load()) break;  // a flush arrived: stop pushing stale frames
+    if (got) {
+      const GstLiveAvatarLagPolicy policy = lag_policy(self);
+      // Frames the engine skipped (skip_to) and that have no stand-in yet get one now, before the model's frame.
+      while (st.frames_out < f.index) {
+        GstFlowReturn r = replace_frame(
+            self, policy == GST_LIVE_AVATAR_LAG_POLICY_WAIT ? GST_LIVE_AVATAR_LAG_POLICY_DROP : policy);
+        if (r == GST_FLOW_CUSTOM_SUCCESS) break;
+        if (r != GST_FLOW_OK) return r;
+      }
+      GstFlowReturn ret = push_frame(self, f, f.index, /*replaced=*/false);
+      if (ret != GST_FLOW_OK) return ret;
+      if (priv->need_reset.load()) break;  // a flush arrived: stop pushing stale frames
+      continue;
+    }
+    if (!paced || priv->need_reset.load()) break;
+    if (st.engine->done()) {
+      // The engine was told to skip past its last frames: they get stand-ins, so the video lasts as long as the audio.
+      const gint64 spf = st.engine->samples_per_frame();
+      if (!at_end || st.frames_out >= (st.engine->samples_pushed() + spf - 1) / spf) break;
+      const GstLiveAvatarLagPolicy policy = lag_policy(self);
+      GstFlowReturn r =
+          replace_frame(self, policy == GST_LIVE_AVATAR_LAG_POLICY_WAIT ? GST_LIVE_AVATAR_LAG_POLICY_DROP : policy);
+      if (r == GST_FLOW_OK) continue;
+      if (r != GST_FLOW_CUSTOM_SUCCESS) return r;
+      break;
+    }
+    // The next frame's audio is not all in: the idle fill's business (aggregate), not the model's.
+    if (!at_end && (st.frames_out + 1) * st.engine->samples_per_frame() > st.engine->samples_pushed()) break;
+    const GstClockTime now = running_time_now(self);
+    const GstClockTime latency = gst_aggregator_get_latency(agg);
+    if (!GST_CLOCK_TIME_IS_VALID(now) || !GST_CLOCK_TIME_IS_VALID(latency)) break;
+    const GstClockTime deadline = frame_start_rt(st, st.frames_out) + latency;
+    const bool overdue = now >= deadline;
+    const GstLiveAvatarLagPolicy policy = lag_policy(self);
+    if (overdue && policy != GST_LIVE_AVATAR_LAG_POLICY_WAIT) {
+      GstFlowReturn r = replace_frame(self, policy);
+      if (r == GST_FLOW_OK) {
+        skip_stale(self, now, latency);
+        continue;
+      }
+      if (r != GST_FLOW_CUSTOM_SUCCESS) return r;
+    }
+    // Waiting only helps when the block of the next frame has all its audio (the frames pending start with it).
+    const liveavatar::EngineStats s = st.engine->stats();
+    if (!at_end && s.frames_pending < s.frames_per_block) {
+      st.stalled = overdue;  // get_next_time then wakes us when audio is due, not at the passed deadline
+      break;
+    }
+    const bool may_block = at_end || (backlog && s.frames_pending > kMaxPendingFrames);
+    // Otherwise one slice, then back to the aggregator: queued events and audio are handled there.
+    if (!may_block && (!overdue || waited || gst_aggregator_pad_has_buffer(self->audio_pad))) break;
+    waited = true;
+    wait = overdue ? kWaitSlice
+                   : std::min<std::chrono::milliseconds>(
+                         kWaitSlice, std::chrono::milliseconds((deadline - now) / GST_MSECOND + 1));
   }
+  if (st.stand_in && st.frames_out > 0) st.stand_in->skip_to(st.frames_out);  // its queue stays bounded
   return GST_FLOW_OK;
 }
 
@@ -508,7 +772,8 @@ static GstFlowReturn drain_frames(GstLiveAvatar* self, bool* waiting = nullptr) 
 static GstFlowReturn finish_audio(GstLiveAvatar* self, bool* waiting = nullptr) {
   State& st = self->priv->state;
   st.engine->finish();  // a second call (after waiting for a picture) does nothing
-  return drain_frames(self, waiting);
+  if (st.stand_in) st.stand_in->finish();
+  return drain_frames(self, waiting, /*at_end=*/true);
 }
 
 // Keeps the output segment and the audio timeline in step with the audio pad's segment.
@@ -565,7 +830,7 @@ static void feed_audio(GstLiveAvatar* self, GstBuffer* buf) {
     const gint64 tolerance = kRate / 1000;  // 1 ms of timestamp jitter counts as contiguous
     if (at > have + tolerance) {
       GST_DEBUG_OBJECT(self, "audio gap of %" G_GINT64_FORMAT " samples: filling with silence", at - have);
-      st.engine->push_silence(static_cast<size_t>(at - have));
+      push_silence(st, static_cast<size_t>(at - have));
     } else if (at < have - tolerance) {
       skip = std::min<gint64>(have - at, static_cast<gint64>(n));
       GST_DEBUG_OBJECT(self, "dropping %" G_GINT64_FORMAT " samples that arrived after their frame", skip);
@@ -573,9 +838,9 @@ static void feed_audio(GstLiveAvatar* self, GstBuffer* buf) {
   }
   if (static_cast<gint64>(n) > skip) {
     if (samples)
-      st.engine->push_audio(samples + skip, n - skip);
+      push_audio(st, samples + skip, n - skip);
     else
-      st.engine->push_silence(n - skip);
+      push_silence(st, n - skip);
   }
   if (mapped) gst_buffer_unmap(buf, &map);
 }
@@ -624,7 +889,11 @@ static GstFlowReturn gst_live_avatar_aggregate_impl(GstLiveAvatar* self, gboolea
   }
 
   sync_segment(self);
-  GstBuffer* buf = gst_aggregator_pad_pop_buffer(self->audio_pad);
+  // Live, lag-policy=wait, a model far behind: leave the audio in the pad's (bounded) queue for now.
+  const liveavatar::EngineStats stats = st.engine->stats();
+  const bool backlog = priv->live && stats.threaded && stats.frames_pending > kMaxPendingFrames &&
+                       lag_policy(self) == GST_LIVE_AVATAR_LAG_POLICY_WAIT;
+  GstBuffer* buf = backlog ? nullptr : gst_aggregator_pad_pop_buffer(self->audio_pad);
   if (buf) {
     if (st.segment_done) {
       // Audio after a SEGMENT_DONE (a looping segment seek): a new timeline from the new segment's start.
@@ -635,13 +904,25 @@ static GstFlowReturn gst_live_avatar_aggregate_impl(GstLiveAvatar* self, gboolea
     gst_buffer_unref(buf);
   } else if (st.segment_done) {
     // The segment's frames are all out; wait for the next segment.
+  } else if (backlog) {
+    // The audio stays queued; drain_frames below blocks until the model has caught up a little.
   } else if (timeout && priv->live && GST_CLOCK_TIME_IS_VALID(st.origin_rt)) {
-    // Live and the audio for the next frame is late: idle through that frame with silence.
-    const gint64 want = gst_util_uint64_scale(st.frames_out + 1, static_cast<guint64>(kRate) * kFpsD, kFpsN);
+    // Live and the audio for the next frame is late: idle through that frame with silence. So is audio whose end
+    // plus the upstream latency has passed (a block model takes its audio long before the frames are due).
+    gint64 want = gst_util_uint64_scale(st.frames_out + 1, static_cast<guint64>(kRate) * kFpsD, kFpsN);
+    const GstClockTime now = running_time_now(self);
+    const GstClockTime total = gst_aggregator_get_latency(GST_AGGREGATOR(self));
+    const GstClockTime own = priv->own_latency.load();
+    const GstClockTime upstream = GST_CLOCK_TIME_IS_VALID(total) && total > own ? total - own : 0;
+    if (GST_CLOCK_TIME_IS_VALID(now) && now > st.origin_rt + upstream) {
+      const gint64 overdue_frames = static_cast<gint64>((now - st.origin_rt - upstream) / kFrameDuration);
+      want = std::max<gint64>(
+          want, static_cast<gint64>(gst_util_uint64_scale(overdue_frames, static_cast<guint64>(kRate) * kFpsD, kFpsN)));
+    }
     const gint64 have = st.engine->samples_pushed();
     if (want > have) {
       GST_LOG_OBJECT(self, "audio late: idling frame %" G_GINT64_FORMAT, st.frames_out);
-      st.engine->push_silence(static_cast<size_t>(want - have));
+      push_silence(st, static_cast<size_t>(want - have));
     }
   } else if (timeout && priv->live && !GST_CLOCK_TIME_IS_VALID(st.origin_rt)) {
     // Live with a portrait but no audio yet: start the clock now so the avatar idles.
@@ -662,7 +943,8 @@ static GstFlowReturn gst_live_avatar_aggregate_impl(GstLiveAvatar* self, gboolea
   }
 
   bool waiting = false;
-  GstFlowReturn ret = drain_frames(self, &waiting);
+  GstFlowReturn ret = drain_frames(self, &waiting, /*at_end=*/false, backlog);
+  if (priv->live) update_latency(self);  // not live, nobody waits on it: no LATENCY messages to redistribute
   if (ret != GST_FLOW_OK || waiting) return ret;
 
   if (gst_aggregator_pad_is_eos(self->audio_pad) && !gst_aggregator_pad_has_buffer(self->audio_pad)) {
@@ -745,6 +1027,13 @@ static gboolean gst_live_avatar_negotiated_src_caps(GstAggregator* agg, GstCaps*
     post_current_exception(self, /*loading=*/false);
     return FALSE;
   }
+  if (st.stand_in) {
+    try {
+      st.stand_in->set_output_size({GST_VIDEO_INFO_WIDTH(&info), GST_VIDEO_INFO_HEIGHT(&info)});
+    } catch (...) {
+      st.stand_in.reset();  // made again at the new size when needed
+    }
+  }
   st.out_info = info;
   st.out_negotiated = true;
   if (st.to_i420) {
@@ -765,7 +1054,16 @@ static GstClockTime gst_live_avatar_get_next_time(GstAggregator* agg) {
     const bool picture = st.have_reference || gst_aggregator_pad_has_buffer(self->image_pad);
     return picture ? 0 : GST_CLOCK_TIME_NONE;
   }
-  return st.origin_rt + gst_util_uint64_scale(st.frames_out, GST_SECOND * kFpsD, kFpsN);
+  // The next frame is due at its start + the latency (which the aggregator adds). The audio of the first frame not
+  // complete is overdue at its end + the upstream latency, = (its end - our own latency) + the latency: then the
+  // idle fill supplies silence. With a block model that comes long before the frame is due.
+  const GstClockTime next_frame = frame_start_rt(st, st.frames_out);
+  if (!st.engine) return next_frame;
+  const gint64 audio_frame = st.engine->samples_pushed() / st.engine->samples_per_frame();
+  const GstClockTime audio_end = frame_start_rt(st, audio_frame + 1);
+  const GstClockTime own = self->priv->own_latency.load();
+  const GstClockTime audio_due = audio_end > own ? audio_end - own : 0;
+  return st.stalled ? audio_due : std::min(next_frame, audio_due);
 }
 
 // Serialized events arrive here on the aggregate thread, in order with the buffers; FLUSH_* on the upstream thread.
@@ -976,7 +1274,6 @@ static Settings snapshot_settings(GstLiveAvatar* self) {
 }
 
 static gboolean start_impl(GstLiveAvatar* self) {
-  GstAggregator* agg = GST_AGGREGATOR(self);
   GstLiveAvatarPrivate* priv = self->priv;
   const Settings settings = snapshot_settings(self);
 
@@ -992,6 +1289,11 @@ static gboolean start_impl(GstLiveAvatar* self) {
   config.fps_n = kFpsN;
   config.fps_d = kFpsD;
   config.sample_rate = kRate;
+  config.max_area = settings.max_area;
+  // Tests only: object data (not a property: neither gst-inspect nor gst-launch reach it) makes the puppet a slow
+  // block model, to test the lag policies without model weights.
+  config.testing_block_delay_ms =
+      GPOINTER_TO_INT(g_object_get_data(G_OBJECT(self), "liveavatar-testing-block-delay-ms"));
   if (!parse_mouth_box(settings.mouth_box, &config.mouth_box)) {
     GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("mouth-box \"%s\" is not x,y,width,height.",
                                                   settings.mouth_box.c_str()),
@@ -1005,7 +1307,8 @@ static gboolean start_impl(GstLiveAvatar* self) {
   // Loading the neural model takes long: an engine made with the same settings is kept from the last run.
   const std::string key = config.backend + "|" + std::to_string(config.width) + "x" + std::to_string(config.height) +
                           "|" + std::to_string(config.seed) + "|" + settings.mouth_box + "|" + config.model_dir +
-                          "|" + config.lora + "|" + config.prompt + "|" + config.precision;
+                          "|" + config.lora + "|" + config.prompt + "|" + config.precision + "|" +
+                          std::to_string(config.max_area) + "|" + std::to_string(config.testing_block_delay_ms);
   GstMessage* msg = gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_START, "load",
                                              "Loading the avatar backend");
   gst_element_post_message(GST_ELEMENT(self), msg);
@@ -1034,8 +1337,12 @@ static gboolean start_impl(GstLiveAvatar* self) {
   priv->need_reset = false;
   priv->live = false;
   reset_qos(self);
-  // One frame of audio must arrive before its frame can be drawn.
-  gst_aggregator_set_latency(agg, kFrameDuration, kFrameDuration);
+  priv->state.config = config;
+  priv->state.stand_in.reset();
+  // The puppet: one frame of audio must arrive before its frame is drawn. A block model: a block, and its
+  // processing once measured (0 before the first block; the figure is raised, with a LATENCY message, as it grows).
+  priv->own_latency = 0;
+  update_latency(self, /*force=*/true);
   return TRUE;
 }
 
@@ -1060,6 +1367,8 @@ static gboolean gst_live_avatar_stop(GstAggregator* agg) {
   }
   st.picture_warnings.clear();
   gst_buffer_replace(&st.last_image, nullptr);
+  gst_buffer_replace(&st.last_frame, nullptr);
+  st.stand_in.reset();
   if (st.to_i420) {
     gst_video_converter_free(st.to_i420);
     st.to_i420 = nullptr;
@@ -1109,6 +1418,16 @@ static void gst_live_avatar_set_property(GObject* object, guint prop_id, const G
     case PROP_PRECISION:
       s.precision = static_cast<GstLiveAvatarPrecision>(g_value_get_enum(value));
       break;
+    case PROP_MAX_AREA:
+      // It shapes the model's tensors: taken at READY->PAUSED only, so a change later would silently not apply.
+      if (GST_STATE(self) > GST_STATE_READY || GST_STATE_PENDING(self) > GST_STATE_READY)
+        GST_WARNING_OBJECT(self, "max-area can only be changed in the NULL or READY state");
+      else
+        s.max_area = g_value_get_uint(value);
+      break;
+    case PROP_LAG_POLICY:
+      s.lag_policy = static_cast<GstLiveAvatarLagPolicy>(g_value_get_enum(value));
+      break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec);
       break;
@@ -1148,6 +1467,12 @@ static void gst_live_avatar_get_property(GObject* object, guint prop_id, GValue*
     case PROP_PRECISION:
       g_value_set_enum(value, s.precision);
       break;
+    case PROP_MAX_AREA:
+      g_value_set_uint(value, s.max_area);
+      break;
+    case PROP_LAG_POLICY:
+      g_value_set_enum(value, s.lag_policy);
+      break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec);
       break;
@@ -1158,6 +1483,7 @@ static void gst_live_avatar_get_property(GObject* object, guint prop_id, GValue*
 static void gst_live_avatar_finalize(GObject* object) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(object);
   gst_buffer_replace(&self->priv->state.last_image, nullptr);
+  gst_buffer_replace(&self->priv->state.last_frame, nullptr);
   if (self->priv->state.to_i420) gst_video_converter_free(self->priv->state.to_i420);
   delete self->priv;
   G_OBJECT_CLASS(gst_live_avatar_parent_class)->finalize(object);
@@ -1184,16 +1510,20 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   g_object_class_install_property(
       gobject_class, PROP_WIDTH,
       g_param_spec_int("width", "Width",
-                       "Output width in pixels: an even number from 64 to 8192 (backend=liveavatar: a multiple of "
-                       "64), set together with height; 0 = follow the portrait or downstream (changeable in "
-                       "NULL/READY only)",
+                       "Output width in pixels, set together with height. backend=puppet: an even number from 64 to "
+                       "8192; 0 = what downstream asks for, else the portrait's size (longest side at most 1024, "
+                       "multiples of 16). backend=liveavatar: a multiple of 64 (other sizes are refused); 0 = the "
+                       "portrait's aspect in multiples of 64, the largest under max-area (changeable in NULL/READY "
+                       "only)",
                        0, 8192, DEFAULT_WIDTH, flags));
   g_object_class_install_property(
       gobject_class, PROP_HEIGHT,
       g_param_spec_int("height", "Height",
-                       "Output height in pixels: an even number from 64 to 8192 (backend=liveavatar: a multiple of "
-                       "64), set together with width; 0 = follow the portrait or downstream (changeable in "
-                       "NULL/READY only)",
+                       "Output height in pixels, set together with width. backend=puppet: an even number from 64 to "
+                       "8192; 0 = what downstream asks for, else the portrait's size (longest side at most 1024, "
+                       "multiples of 16). backend=liveavatar: a multiple of 64 (other sizes are refused); 0 = the "
+                       "portrait's aspect in multiples of 64, the largest under max-area (changeable in NULL/READY "
+                       "only)",
                        0, 8192, DEFAULT_HEIGHT, flags));
   g_object_class_install_property(
       gobject_class, PROP_SEED,
@@ -1229,6 +1559,24 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
       g_param_spec_enum("precision", "Precision",
                         "backend=liveavatar: DiT precision (changeable in NULL/READY only)",
                         GST_TYPE_LIVE_AVATAR_PRECISION, DEFAULT_PRECISION, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_MAX_AREA,
+      g_param_spec_uint("max-area", "Maximum area",
+                        "backend=liveavatar with width=height=0: the output's area in pixels stays at most this "
+                        "(default 704x384 = 270336, the model's training size; time and memory grow with the area). "
+                        "Changeable in NULL/READY only",
+                        64 * 64, G_MAXUINT, DEFAULT_MAX_AREA, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_LAG_POLICY,
+      g_param_spec_enum("lag-policy", "Lag policy",
+                        "Live, backend=liveavatar: what happens when the model does not make a frame by its time. "
+                        "wait: the frame is waited for and the latency grows (reported); drop: the last frame is "
+                        "shown again and the model skips the blocks it cannot make in time; puppet: the puppet draws "
+                        "those frames from the same portrait and audio. The video stays exactly as long as the "
+                        "audio with each (changeable in any state)",
+                        GST_TYPE_LIVE_AVATAR_LAG_POLICY, DEFAULT_LAG_POLICY,
+                        static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS |
+                                                 GST_PARAM_MUTABLE_PLAYING)));
 
   gst_element_class_add_static_pad_template_with_gtype(element_class, &image_template, GST_TYPE_AGGREGATOR_PAD);
   gst_element_class_add_static_pad_template_with_gtype(element_class, &audio_template, GST_TYPE_AGGREGATOR_PAD);
@@ -1252,6 +1600,7 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
 
   gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_BACKEND, static_cast<GstPluginAPIFlags>(0));
   gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_PRECISION, static_cast<GstPluginAPIFlags>(0));
+  gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_LAG_POLICY, static_cast<GstPluginAPIFlags>(0));
 }
 
 static void gst_live_avatar_init(GstLiveAvatar* self) {

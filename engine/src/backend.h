@@ -30,6 +30,12 @@ class Backend {
   virtual void push_audio_frames(const float* samples, int frames) = 0;
   /// Renders the next frame whose audio has been pushed; false when none is pending.
   virtual bool render_next(Frame* frame) = 0;
+  /// Passes over the next pending frame without drawing it (Engine::skip_to); false when none is pending. A backend
+  /// that can do it cheaper than drawing overrides it.
+  virtual bool skip_next() {
+    Frame f;
+    return render_next(&f);
+  }
   /// End of stream: every frame < total_frames must become renderable (a block backend pads its last block).
   virtual void finish(int64_t total_frames) { (void)total_frames; }
   /// New stream, same reference.
@@ -49,6 +55,8 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_puppet_backend(const EngineConfig& config);
+/// Tests only: `inner` working in blocks of 12 frames on a worker, sleeping config.testing_block_delay_ms per block.
+std::unique_ptr<Backend> make_slow_backend(std::unique_ptr<Backend> inner, const EngineConfig& config);
 
 using BackendFactory = std::unique_ptr<Backend> (*)(const EngineConfig& config);
 /// Adds a backend under `name` (replacing one of that name). Thread-safe.

@@ -124,6 +124,9 @@ class EngineImpl final : public Engine {
       throw Error("unknown backend '" + config.backend + "': available backends are " + names);
     }
     backend_ = factory(config);
+    if (config.testing_block_delay_ms < 0)
+      throw Error("testing_block_delay_ms must be 0 or positive, got " + std::to_string(config.testing_block_delay_ms));
+    if (config.testing_block_delay_ms > 0) backend_ = make_slow_backend(std::move(backend_), config);
     if (requested_.width) backend_->check_size(requested_);
     backend_->set_cancel_flag(&cancel_);
     fpb_ = std::max(1, backend_->frames_per_block());
@@ -290,6 +293,10 @@ class EngineImpl final : public Engine {
     finished_ = false;
     frames_submitted_ = 0;
     frames_made_ = 0;
+    frames_given_ = 0;
+    dropped_unmade_ = 0;
+    remap_.clear();
+    skip_target_ = 0;
     work_ms_ = 0;
     stats_ = EngineStats{};
     first_audio_ = Clock::time_point{};
@@ -304,10 +311,37 @@ class EngineImpl final : public Engine {
     return w;
   }
 
+  void skip_to(int64_t index) override {
+    if (!threaded_) {
+      // Inline: the backend passes over the frames whose audio is in; later ones are passed over when taken.
+      throw_if_stopped();
+      if (index <= next_index_) return;
+      std::lock_guard<std::mutex> backend_lock(backend_mu_);
+      while (next_index_ < index && backend_->skip_next()) {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++next_index_;
+        ++frames_made_;
+        ++stats_.frames_skipped;
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      skip_target_ = std::max(skip_target_, index);
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (index <= next_index_) return;
+    while (!frames_.empty() && frames_.front().index < index) {  // made, now unwanted
+      frames_.pop_front();
+      ++stats_.frames_skipped;
+    }
+    next_index_ = index;
+    cv_work_.notify_one();  // room in the queue; stale audio to drop
+  }
+
   std::chrono::nanoseconds latency() const override {
     const EngineStats s = stats();
     const double frame_ns = 1e9 * config_.fps_d / config_.fps_n;
-    const int64_t blocks_ahead = s.frames_pending / s.frames_per_block;
+    // The frames pending include the block in progress (or next to start): the blocks queued behind it wait.
+    const int64_t blocks_ahead = std::max<int64_t>(0, s.frames_pending - s.frames_per_block) / s.frames_per_block;
     const double ns = frame_ns * s.frames_per_block + s.ms_per_block * 1e6 * static_cast<double>(1 + blocks_ahead);
     return std::chrono::nanoseconds(static_cast<int64_t>(ns));
   }
@@ -319,7 +353,7 @@ class EngineImpl final : public Engine {
     s.frames_per_block = fpb_;
     s.frames_taken = next_index_;
     s.frames_queued = static_cast<int64_t>(frames_.size());
-    s.frames_pending = std::max<int64_t>(0, frames_submitted_ - frames_made_);
+    s.frames_pending = std::max<int64_t>(0, frames_submitted_ - frames_made_ - dropped_unmade_);
     return s;
   }
 
@@ -369,6 +403,13 @@ class EngineImpl final : public Engine {
   bool pop_inline(Frame* frame) {
     throw_if_stopped();
     if (!has_reference_) return false;
+    while (next_index_ < skip_target_) {  // skip_to() ahead of the audio that was in then
+      if (!backend_->skip_next()) return false;
+      std::lock_guard<std::mutex> lock(mu_);
+      ++next_index_;
+      ++frames_made_;
+      ++stats_.frames_skipped;
+    }
     if (finished_ && next_index_ >= total_frames_) return false;
     const auto t0 = Clock::now();
     if (!backend_->render_next(frame)) return false;
@@ -392,6 +433,10 @@ class EngineImpl final : public Engine {
       frames_.pop_front();
       cv_work_.notify_one();  // room in the queue
       if (finished_ && f.index >= total_frames_) continue;  // the padding of the last block
+      if (f.index < next_index_) {                            // made after skip_to() said it is not wanted
+        ++stats_.frames_skipped;
+        continue;
+      }
       if (f.index != next_index_)
         throw Error("internal error: backend produced frame " + std::to_string(f.index) + ", expected " +
                     std::to_string(next_index_));
@@ -442,13 +487,16 @@ class EngineImpl final : public Engine {
     for (;;) {
       cv_work_.wait(lock, [&] { return stop_ || runnable(); });
       if (stop_) return;
+      drop_stale_audio();
+      if (!runnable()) continue;
       // One unit: up to a block of audio, or the end of the stream once all audio is in.
       const int frames = static_cast<int>(std::min<size_t>(audio_.size() / spf_, static_cast<size_t>(fpb_)));
       const bool at_end = frames == 0;
       unit.assign(audio_.begin(), audio_.begin() + static_cast<size_t>(frames) * spf_);
       audio_.erase(audio_.begin(), audio_.begin() + static_cast<size_t>(frames) * spf_);
       if (at_end) finish_pending_ = false;
-      const int64_t total = total_frames_;
+      frames_given_ += frames;
+      const int64_t total = total_frames_ - dropped_unmade_;  // the backend counts only the frames it was given
       busy_ = true;
       lock.unlock();
 
@@ -475,11 +523,40 @@ class EngineImpl final : public Engine {
         work_ms_ += ms;
         frames_made_ += static_cast<int64_t>(made.size());
         account_frames(static_cast<int64_t>(made.size()));
-        for (auto& f : made) frames_.push_back(std::move(f));
+        for (auto& f : made) {
+          f.index = stream_index(f.index);
+          frames_.push_back(std::move(f));
+        }
       }
       cv_frames_.notify_all();
       cv_idle_.notify_all();
     }
+  }
+
+  // Whole blocks of queued audio whose frames all lie before next_index_ (skip_to) are dropped unmade; the backend's
+  // frame numbers then run behind the stream's, which remap_ records (mu_ held).
+  void drop_stale_audio() {
+    int64_t dropped = 0;
+    while (audio_.size() >= static_cast<size_t>(fpb_) * spf_ && frames_given_ + fpb_ <= next_index_) {
+      audio_.erase(audio_.begin(), audio_.begin() + static_cast<size_t>(fpb_) * spf_);
+      frames_given_ += fpb_;
+      dropped += fpb_;
+    }
+    if (!dropped) return;
+    dropped_unmade_ += dropped;
+    stats_.frames_skipped += dropped;
+    // Backend frames from the next one it is given on are `dropped_unmade_` behind the stream.
+    const int64_t backend_next = frames_given_ - dropped_unmade_;
+    if (!remap_.empty() && remap_.back().first == backend_next)
+      remap_.back().second = dropped_unmade_;
+    else
+      remap_.emplace_back(backend_next, dropped_unmade_);
+  }
+
+  // The stream's index of the backend's frame `b` (mu_ held; frames come in order).
+  int64_t stream_index(int64_t b) {
+    while (remap_.size() > 1 && remap_[1].first <= b) remap_.pop_front();
+    return !remap_.empty() && remap_.front().first <= b ? b + remap_.front().second : b;
   }
 
   // NaN / Inf would poison the smoothing state for the rest of the stream; clip like a DAC would.
@@ -523,6 +600,10 @@ class EngineImpl final : public Engine {
   bool finished_ = false;
   int64_t frames_submitted_ = 0;
   int64_t frames_made_ = 0;
+  int64_t frames_given_ = 0;     // frames of audio given to the backend or dropped unmade, in stream order
+  int64_t dropped_unmade_ = 0;   // frames whose audio skip_to() dropped before the backend saw it
+  std::deque<std::pair<int64_t, int64_t>> remap_;  // (first backend frame, offset to the stream's index)
+  int64_t skip_target_ = 0;      // inline: skip_to() index not reached yet
   double work_ms_ = 0;  // backend time since frames last appeared
   EngineStats stats_;
   Clock::time_point first_audio_{};

@@ -305,6 +305,68 @@ TEST(Worker, PuppetLatencyIsAboutOneFrame) {
   EXPECT_EQ(e->stats().frames_taken, 25);
 }
 
+// skip_to() while block 0 is being made: block 1 (frames 12-23) is dropped unmade, frames 0-11 and 24-29 are made
+// and discarded; the next frames are 30, 31, ... up to the same total as without skipping.
+TEST(Worker, SkipToDropsStaleBlocksAndKeepsTheIndices) {
+  Script s;
+  s.block_ms = 150;
+  auto e = scripted_engine(s);
+  const auto audio = testutil::vowel(48 * 640);
+  g_blocks_started = 0;
+  e->push_audio(audio.data(), audio.size());
+  for (int i = 0; i < 100 && g_blocks_started == 0; ++i) std::this_thread::sleep_for(1ms);
+  ASSERT_EQ(g_blocks_started, 1) << "block 0 is in progress";
+  e->skip_to(30);
+  e->finish();
+  std::vector<int64_t> got;
+  Frame f;
+  while (e->pop_frame(&f)) got.push_back(f.index);
+  ASSERT_EQ(got.size(), 18u);
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], 30 + static_cast<int64_t>(i));
+  EXPECT_EQ(g_blocks_started, 3) << "blocks 0, 2 and 3 made; block 1 dropped unmade";
+  EXPECT_EQ(e->stats().frames_skipped, 30);
+  EXPECT_EQ(e->stats().frames_pending, 0);
+  EXPECT_TRUE(e->done());
+}
+
+// Inline (the puppet): skip_to() passes over the frames without drawing them; the next frame is the one asked for.
+TEST(Worker, SkipToInlinePassesOverFrames) {
+  auto e = puppet("inline");
+  const auto audio = testutil::vowel(20 * 640);
+  e->push_audio(audio.data(), audio.size());
+  e->skip_to(15);
+  Frame f;
+  ASSERT_TRUE(e->pop_frame(&f));
+  EXPECT_EQ(f.index, 15);
+  e->skip_to(30);  // ahead of the audio: frames 16-19 now, the rest when their audio comes
+  const auto more = testutil::vowel(20 * 640);
+  e->push_audio(more.data(), more.size());
+  ASSERT_TRUE(e->pop_frame(&f));
+  EXPECT_EQ(f.index, 30);
+  EXPECT_EQ(e->stats().frames_skipped, 29);
+}
+
+// The tests-only slow puppet: frames in blocks of 12 on the worker, each block after the configured delay.
+TEST(Worker, TestingBlockDelayMakesThePuppetASlowBlockBackend) {
+  auto c = testutil::config(3);
+  c.testing_block_delay_ms = 100;
+  auto e = Engine::create(c);
+  e->set_reference(testutil::portrait().view());
+  EXPECT_EQ(e->stats().frames_per_block, 12);
+  EXPECT_TRUE(e->stats().threaded);
+  const auto audio = testutil::vowel(30 * 640 + 100);
+  const auto t0 = std::chrono::steady_clock::now();
+  e->push_audio(audio.data(), audio.size());
+  e->finish();
+  int n = 0;
+  Frame f;
+  while (e->pop_frame(&f)) EXPECT_EQ(f.index, n++);
+  EXPECT_EQ(n, 31);
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, 300ms) << "three blocks of 100 ms";
+  c.testing_block_delay_ms = -1;
+  EXPECT_THROW(Engine::create(c), Error);
+}
+
 TEST(Worker, UnknownWorkerModeIsRejected) {
   auto c = testutil::config();
   c.worker = "fibers";

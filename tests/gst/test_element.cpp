@@ -426,6 +426,25 @@ TEST(Element, BadMouthBoxFailsTheStateChange) {
   gst_object_unref(e);
 }
 
+// max-area shapes the model: it changes in NULL or READY only (the engine is made at READY->PAUSED).
+TEST(Element, MaxAreaChangesOnlyInNullOrReady) {
+  GstElement* e = gst_element_factory_make("liveavatar", nullptr);
+  ASSERT_NE(e, nullptr);
+  guint area = 0;
+  g_object_get(e, "max-area", &area, nullptr);
+  EXPECT_EQ(area, 704u * 384u);
+  g_object_set(e, "max-area", 128 * 128, nullptr);
+  ASSERT_NE(gst_element_set_state(e, GST_STATE_PAUSED), GST_STATE_CHANGE_FAILURE);
+  g_object_set(e, "max-area", 64 * 64, nullptr);
+  g_object_get(e, "max-area", &area, nullptr);
+  EXPECT_EQ(area, 128u * 128u) << "ignored in PAUSED";
+  gst_element_set_state(e, GST_STATE_NULL);
+  g_object_set(e, "max-area", 64 * 64, nullptr);
+  g_object_get(e, "max-area", &area, nullptr);
+  EXPECT_EQ(area, 64u * 64u);
+  gst_object_unref(e);
+}
+
 TEST(Element, NewImageReplacesTheReference) {
   Avatar a;
   a.set_image(portrait().width, portrait().height, GST_VIDEO_FORMAT_RGB, /*eos=*/false);

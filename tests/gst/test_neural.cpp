@@ -137,6 +137,88 @@ TEST(ElementNeural, AudioShorterThanOneBlockKeepsItsLength) {
   gst_object_unref(pipe);
 }
 
+// max-area bounds the size the model chooses when width and height are 0: the 512x512 portrait gives 128x128 under
+// 128 x 128 (the default area keeps it at 512x512).
+TEST(ElementNeural, MaxAreaBoundsTheChosenSize) {
+  GstElement* pipe = make_pipeline("width=0 height=0 max-area=16384");
+  ASSERT_NE(pipe, nullptr);
+  const Frames f = run_once(pipe, 3300);
+  ASSERT_EQ(f.error, "");
+  ASSERT_EQ(f.pts.size(), 6u);
+  EXPECT_EQ(f.data[0].size(), 128u * 128u * 3u);
+  gst_object_unref(pipe);
+}
+
+// Live: the element reports the model's latency, at least one block of audio (480 ms) on top of the source's, and
+// raises it with a LATENCY message once a block's processing is measured. No speech is needed: live, the avatar idles
+// on silence, which the model turns into blocks too. lag-policy=drop keeps the frames coming at 25 fps however slow
+// the CPU is, so the test waits only for the first block.
+TEST(ElementNeural, LiveLatencyIsAtLeastOneBlockAndRisesWithAMessage) {
+  const std::string launch =
+      "appsrc name=img format=time caps=video/x-raw,format=RGB,width=512,height=512,framerate=0/1 ! videoconvert ! "
+      "la.image appsrc name=aud is-live=true format=time min-latency=100000000 "
+      "caps=audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved ! la.audio "
+      "liveavatar name=la backend=liveavatar model-dir=" + tiny().dir +
+      " width=128 height=128 seed=5 lag-policy=drop ! appsink name=out sync=false max-buffers=0";
+  GError* err = nullptr;
+  GstElement* pipe = gst_parse_launch(launch.c_str(), &err);
+  ASSERT_EQ(err, nullptr) << (err ? err->message : "");
+  GstElement* img = gst_bin_get_by_name(GST_BIN(pipe), "img");
+  GstElement* out = gst_bin_get_by_name(GST_BIN(pipe), "out");
+  GstElement* la = gst_bin_get_by_name(GST_BIN(pipe), "la");
+  gst_app_src_push_buffer(GST_APP_SRC(img), portrait_buffer());
+  gst_app_src_end_of_stream(GST_APP_SRC(img));
+  ASSERT_NE(gst_element_set_state(pipe, GST_STATE_PAUSED), GST_STATE_CHANGE_FAILURE);
+  gst_element_get_state(pipe, nullptr, nullptr, 60 * GST_SECOND);
+  GstBus* bus = gst_element_get_bus(pipe);
+  while (GstMessage* m = gst_bus_pop(bus)) gst_message_unref(m);  // the first figure, posted at READY->PAUSED
+  ASSERT_NE(gst_element_set_state(pipe, GST_STATE_PLAYING), GST_STATE_CHANGE_FAILURE);
+
+  auto own_latency = [&] {
+    GstQuery* q = gst_query_new_latency();
+    GstClockTime min = 0;
+    if (gst_element_query(la, q)) gst_query_parse_latency(q, nullptr, &min, nullptr);
+    gst_query_unref(q);
+    return min;
+  };
+  g_usleep(300000);
+  const GstClockTime before = own_latency();
+  EXPECT_GE(before, 100 * GST_MSECOND + 12 * kFrame) << "the source's 100 ms + one block of audio";
+
+  std::vector<GstClockTime> pts;
+  bool raised = false;
+  std::string error;
+  for (gint64 end = g_get_monotonic_time() + 300 * G_USEC_PER_SEC; !raised && error.empty() &&
+                                                                     g_get_monotonic_time() < end;) {
+    while (GstMessage* m = gst_bus_pop(bus)) {
+      if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_LATENCY && GST_MESSAGE_SRC(m) == GST_OBJECT(la)) {
+        raised = true;
+        gst_bin_recalculate_latency(GST_BIN(pipe));
+      } else if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_ERROR) {
+        GError* e = nullptr;
+        gst_message_parse_error(m, &e, nullptr);
+        error = e->message;
+        g_error_free(e);
+      }
+      gst_message_unref(m);
+    }
+    while (GstSample* s = gst_app_sink_try_pull_sample(GST_APP_SINK(out), 20 * GST_MSECOND)) {
+      pts.push_back(GST_BUFFER_PTS(gst_sample_get_buffer(s)));
+      gst_sample_unref(s);
+    }
+  }
+  const GstClockTime after = own_latency();
+  gst_element_set_state(pipe, GST_STATE_NULL);
+  EXPECT_EQ(error, "");
+  EXPECT_TRUE(raised) << "a LATENCY message once the first block was measured";
+  EXPECT_GT(after, before + kFrame) << "block + its processing";
+  ASSERT_GE(pts.size(), 12u);
+  for (size_t i = 1; i < pts.size(); ++i) ASSERT_EQ(pts[i], pts[0] + i * kFrame) << "frame " << i;
+  for (GstElement* e : {img, out, la}) gst_object_unref(e);
+  gst_object_unref(bus);
+  gst_object_unref(pipe);
+}
+
 // cancel() (what the element calls on flush and PAUSED->READY) stops the work at a block boundary; reset() clears it.
 TEST(EngineNeural, CancelStopsAtABlockBoundaryAndResetClearsIt) {
   ASSERT_TRUE(liveavatar::register_neural_backend());

@@ -115,6 +115,11 @@ struct EngineConfig {
   // (which renders each frame when it is taken, so a new picture shows from the very next frame).
   std::string worker = "auto";
   int max_queued_frames = 0;  // bound of the frame queue of the worker; 0 = two blocks, at least 25 frames
+
+  // Tests only (lag handling without a model): > 0 makes backend "puppet" work like a slow block model, in blocks
+  // of 12 frames on the worker, sleeping this long per block (cancellable). Not reachable from the element's
+  // properties.
+  int testing_block_delay_ms = 0;
 };
 
 /// What the engine is doing, for the element's latency, QoS and stats messages and for the bench.
@@ -125,6 +130,7 @@ struct EngineStats {
   int64_t frames_queued = 0;    // made, waiting in the frame queue
   int64_t frames_pending = 0;   // audio of these frames is in, the frames are not made yet
   int64_t blocks_done = 0;      // blocks made in this stream
+  int64_t frames_skipped = 0;   // frames skip_to() made unwanted: their audio dropped unmade, or made and discarded
   double ms_per_block = 0;      // processing time of one block: moving average over recent blocks (0: none yet)
   double ms_last_block = 0;     // processing time of the last block
   double ms_first_frame = 0;    // from the first audio of the stream to its first frame being ready (0: not yet)
@@ -185,6 +191,12 @@ class Engine {
   /// push_silence(), finish(), pop_frame() and wait_frame() throw Cancelled until reset(), which clears it and
   /// makes the engine reusable (the conditioning of the current picture is kept). Any thread may call it.
   virtual void cancel() = 0;
+
+  /// Frames before `index` are no longer wanted (a live caller showed something else for them): blocks of audio not
+  /// started yet whose frames all lie before it are dropped without being made, frames made before it are
+  /// discarded, and the next frame returned is `index` (or later). Frame indices stay those of the audio; the frame
+  /// count after finish() is unchanged. A worker catches up at once instead of working through stale blocks.
+  virtual void skip_to(int64_t index) = 0;
 
   /// Delay from the audio of a frame arriving to that frame being ready: one block of audio to collect, plus the
   /// processing time of a block, plus the blocks of audio queued ahead of it. Any thread may call it.

@@ -89,6 +89,12 @@ class PuppetBackend final : public Backend {
     return true;
   }
 
+  bool skip_next() override {
+    if (pending_.empty()) return false;
+    pending_.pop_front();
+    return true;
+  }
+
   void reset() override {
     tracker_.reset();
     pending_.clear();
