@@ -29,7 +29,7 @@ APT_PACKAGES=(
   ffmpeg nginx libnginx-mod-rtmp iproute2
   # examples and integration tests: PyGObject + typelibs (appsink, webrtcbin), ICE for webrtcbin, a headless browser
   # and websockets for the WebRTC preview test
-  python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0 gstreamer1.0-nice
+  python3-gi python3-gst-1.0 gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0 gstreamer1.0-nice
   chromium python3-websockets
 )
 
