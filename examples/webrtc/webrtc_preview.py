@@ -3,7 +3,7 @@
 Opus voice). The signalling is two plain HTTP requests, no trickle ICE: the page GETs /offer (a new stream starts,
 answered once webrtcbin has gathered its candidates) and POSTs its answer, with its candidates, to /answer.
 
-    examples/webrtc/webrtc_preview.py PORTRAIT.png [--speech SPEECH.wav] [--port 8080] [--size 256]
+    examples/webrtc/webrtc_preview.py PORTRAIT.png [--speech SPEECH.wav | --tone] [--port 8080] [--size 256]
 
 Then open http://HOST:PORT/ in a browser. Without --speech the default microphone drives the avatar. One viewer at
 a time: a new page load restarts the stream for it. Needs gstreamer1.0-nice (ICE), the bad plugins (webrtcbin)
@@ -34,12 +34,14 @@ def quote(path):
 class Stream:
     """One pipeline, liveavatar -> webrtcbin, for one viewer."""
 
-    def __init__(self, portrait, speech, size):
+    def __init__(self, portrait, speech, size, tone=False):
         # A file is played the way a microphone delivers: 10 ms buffers, each let through when its last sample is
         # due (clocksync ts-offset), so the browser gets real time and the latency shown is a microphone's.
         audio = (f"filesrc location={quote(speech)} ! decodebin ! audioconvert ! "
                  "audiobuffersplit output-buffer-duration=1/100 ! clocksync ts-offset=10000000"
                  if speech else "autoaudiosrc")
+        if tone:   # a live source without a microphone: ticks in 10 ms buffers (to measure the latency)
+            audio = "audiotestsrc is-live=true wave=ticks samplesperbuffer=480 ! audio/x-raw,rate=48000,channels=1"
         # timestamp-offset=0: RTP time = running time x 90 kHz, so the page can tell when a frame was made.
         self.pipeline = Gst.parse_launch(
             f"filesrc location={quote(portrait)} ! decodebin ! videoconvert ! la.image "
@@ -137,7 +139,7 @@ class Server(http.server.ThreadingHTTPServer):
         with self.lock:
             if self.stream:
                 self.stream.stop()
-            self.stream = Stream(self.args.portrait, self.args.speech, self.args.size)
+            self.stream = Stream(self.args.portrait, self.args.speech, self.args.size, self.args.tone)
             self.stream.start()
             return self.stream
 
@@ -192,6 +194,7 @@ def main():
     parser = argparse.ArgumentParser(description="WebRTC preview of the liveavatar element")
     parser.add_argument("portrait")
     parser.add_argument("--speech", help="speech file (played in real time); default: the microphone")
+    parser.add_argument("--tone", action="store_true", help="a live test tone instead of speech or microphone")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8080, help="0 = any free port")
     parser.add_argument("--size", type=int, default=256, help="video width and height, even, 64 to 1024")

@@ -12,7 +12,7 @@ clock) notes when each frame comes out of its decoder. The latency of frame n is
 i.e. from the moment the last sound the frame shows was captured to the moment a player has the decoded picture.
 Frames are matched in order (the receiver is ready before the sender starts). Recipes:
   obs   the OBS source pipeline behind an obs-gstreamer-style appsink (sync=true, as OBS has it), no network
-  srt   pipelines/srt.sh's chain -> srtsrc (SRT's default 125 ms latency) ! tsdemux ! avdec_h264, loopback
+  srt   pipelines/srt.sh's chain -> srtsrc ! tsdemux ! avdec_h264, loopback (--srt-latency, default SRT's 125 ms)
   rtmp  pipelines/rtmp.sh's chain -> nginx-rtmp -> rtmp2src ! flvdemux ! avdec_h264, loopback
 --check fails (exit 1) when frames go missing or the median is over a second: the meson test `latency` runs that.
 """
@@ -142,11 +142,11 @@ def run_obs(seconds, size):
     return Run(desc)
 
 
-def run_srt(seconds, size):
+def run_srt(seconds, size, srt_latency):
     port = free_udp_port()
     sender = (sender_head(seconds, size) + "! " + ENCODE + AAC +
-              f"mpegtsmux name=mux alignment=7 ! srtsink uri=srt://127.0.0.1:{port} sync=true")
-    receiver = (f"srtsrc uri=srt://:{port}?mode=listener ! tsdemux ! h264parse ! avdec_h264 ! "
+              f"mpegtsmux name=mux alignment=7 ! srtsink uri=srt://127.0.0.1:{port}?latency={srt_latency} sync=true")
+    receiver = (f"srtsrc uri=srt://:{port}?mode=listener&latency={srt_latency} ! tsdemux ! h264parse ! avdec_h264 ! "
                 f"{APPSINK} sync=false")
     return Run(sender, receiver)
 
@@ -212,12 +212,15 @@ def main():
     parser.add_argument("recipes", nargs="*", help="obs, srt and/or rtmp (default: all three)")
     parser.add_argument("--seconds", type=int, default=4, help="live audio per recipe, 2 to 600")
     parser.add_argument("--size", type=int, default=256, help="video width and height")
+    parser.add_argument("--srt-latency", type=int, default=125, help="SRT latency in ms (SRT's default: 125)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a recipe loses frames or lags > 1 s")
     args = parser.parse_args()
     args.recipes = args.recipes or ["obs", "srt", "rtmp"]
     unknown = [r for r in args.recipes if r not in ("obs", "srt", "rtmp")]
     if unknown:
         parser.error("unknown recipe: " + ", ".join(unknown))
+    if not 0 <= args.srt_latency <= 10000:
+        parser.error("--srt-latency must be 0 to 10000 ms")
     if not 2 <= args.seconds <= 600:
         parser.error("--seconds must be 2 to 600")
     Gst.init(None)
@@ -231,7 +234,7 @@ def main():
             if name == "obs":
                 run, tail = run_obs(args.seconds, args.size), 0
             elif name == "srt":
-                run, tail = run_srt(args.seconds, args.size), 4   # SRT drops its latency window at hang-up
+                run, tail = run_srt(args.seconds, args.size, args.srt_latency), 4   # SRT drops its latency window at hang-up
             else:
                 if not (shutil.which("nginx") and os.path.exists(NGINX_RTMP_MODULE)):
                     print("rtmp: FAIL: nginx with libnginx-mod-rtmp is missing (scripts/setup.sh installs it)")

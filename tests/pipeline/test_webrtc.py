@@ -3,7 +3,10 @@
 headless Chromium, driven over the DevTools protocol. Checks that the page connects, decodes and shows frames, that
 the picture moves (two canvas grabs of the video differ, neither blank), and takes a screenshot of the page.
 
-    test_webrtc.py [SCREENSHOT.png]     (GST_PLUGIN_PATH must reach libgstliveavatar.so)
+    test_webrtc.py [--tone] [SCREENSHOT.png]     (GST_PLUGIN_PATH must reach libgstliveavatar.so)
+
+--tone drives the avatar with a live test tone instead of the speech file played at its pace (the latency printed
+is then that of a live source, like a microphone).
 """
 import asyncio
 import base64
@@ -149,12 +152,16 @@ def main():
         return 1
     server = browser = None
     with tempfile.TemporaryDirectory() as tmp:
-        screenshot = sys.argv[1] if len(sys.argv) > 1 else os.path.join(tmp, "webrtc-preview.png")
+        args = sys.argv[1:]
+        tone = "--tone" in args
+        args = [a for a in args if a != "--tone"]
+        screenshot = args[0] if args else os.path.join(tmp, "webrtc-preview.png")
         try:
             server = subprocess.Popen(
                 [sys.executable, os.path.join(SRC, "examples", "webrtc", "webrtc_preview.py"),
                  os.path.join(SRC, "examples", "assets", "portrait.png"),
-                 "--speech", os.path.join(SRC, "examples", "assets", "speech.wav"), "--port", "0", "--size", "256"],
+                 *(["--tone"] if tone else ["--speech", os.path.join(SRC, "examples", "assets", "speech.wav")]),
+                 "--port", "0", "--size", "256"],
                 stdout=subprocess.PIPE, text=True, start_new_session=True)
             line = server.stdout.readline()
             m = re.match(r"serving (http://\S+)", line)
