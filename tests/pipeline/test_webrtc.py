@@ -175,7 +175,7 @@ def main():
                 [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=600,320",
                  "--autoplay-policy=no-user-gesture-required", "--allow-loopback-in-peer-connection",
-                 "--disable-features=WebRtcHideLocalIpsWithMdns", "about:blank"],
+                 "--disable-features=WebRtcHideLocalIpsWithMdns", "--disable-dev-shm-usage", "about:blank"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             port_file = os.path.join(profile, "DevToolsActivePort")
             for _ in range(300):
