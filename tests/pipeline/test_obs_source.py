@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""Runs the OBS source pipeline (pipelines/obs-source.sh) the way obs-gstreamer does: the pasted string, followed by
-the converter + appsink pairs it links to `video.` and `audio.`, pulls every sample from both appsinks and checks
+"""Runs the OBS source pipeline (pipelines/obs-source.sh) the way obs-gstreamer does: the converter + appsink pairs
+that `video.` and `audio.` link to, followed by the pasted string, pulls every sample from both appsinks and checks
 the frame count, the timestamps and that picture and sound line up. Twice: driven by a speech file, and by a live
 source (audiotestsrc is-live=true standing in for the microphone).
 
@@ -20,11 +20,13 @@ from gi.repository import GLib, Gst  # noqa: E402
 
 SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 FRAME_NS = Gst.SECOND // 25
-# What obs-gstreamer puts after the user's pipeline (its appsinks accept these raw formats).
-OBS_TAIL = (" videoconvert name=video ! video/x-raw,format={I420,NV12,BGRA,BGRx,RGBx,RGBA,YUY2,UYVY}"
-            " ! appsink name=video_appsink sync=true"
-            " audioconvert name=audio ! audioresample ! audio/x-raw,format={U8,S16LE,S32LE,F32LE},layout=interleaved"
-            " ! appsink name=audio_appsink sync=true")
+# What obs-gstreamer puts in front of the pasted pipeline: a converter named "video" and one named "audio", each
+# feeding an appsink that takes the raw formats OBS can show or mix; both appsinks sync to the clock by default.
+OBS_HEAD = ("videoconvert name=video ! video/x-raw,format={I420,NV12,BGRA,BGRx,RGBx,RGBA,YUY2,YVYU,UYVY} ! "
+            "appsink name=video_appsink sync=true "
+            "audioconvert name=audio ! audioresample ! "
+            "audio/x-raw,format={U8,S16LE,S32LE,F32LE},channels={1,2,3,4,5,6,8},layout=interleaved ! "
+            "appsink name=audio_appsink sync=true ")
 
 
 class Failure(Exception):
@@ -32,9 +34,9 @@ class Failure(Exception):
 
 
 def run_source(description, timeout_s=60):
-    """Plays description + OBS_TAIL to EOS; returns the samples of each appsink as (running time, duration, caps,
+    """Plays OBS_HEAD + description to EOS; returns the samples of each appsink as (running time, duration, caps,
     buffer bytes or sample count)."""
-    pipeline = Gst.parse_launch(description + OBS_TAIL)
+    pipeline = Gst.parse_launch(OBS_HEAD + description)
     got = {"video": [], "audio": []}
 
     def on_sample(sink, kind):
