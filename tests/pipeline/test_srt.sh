@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Streams the avatar over SRT (pipelines/srt.sh: x264enc ! mpegtsmux ! srtsink) to an srtsrc on loopback, twice:
 # the sender listening (receiver calls in) and the sender calling (receiver listens). Each recording (MPEG-TS) is
-# checked with ffprobe: H.264 at 25 fps + AAC, as many frames as the speech lasts (within 2 frames).
+# checked with ffprobe: H.264 at 25 fps + AAC, as many frames as the speech lasts (within 2 frames). Then ffmpeg,
+# another SRT implementation, calls in to the listening sender.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/../.." && pwd)
 gst-inspect-1.0 srtsrc >/dev/null 2>&1 || { echo "FAIL: srtsrc/srtsink missing (gstreamer1.0-plugins-bad)"; exit 1; }
@@ -66,3 +67,16 @@ timeout 60 "$src/pipelines/srt.sh" "$src/examples/assets/portrait.png" "$tmp/spe
 # A listening srtsrc ends by itself (EOS) when the caller hangs up.
 wait "$receiver" || fail "srtsrc (listener) exited with $?"
 check_ts "$tmp/caller.ts" "sender calling"
+
+# 3. Another SRT implementation calls in: ffmpeg (libsrt), as a player such as ffplay or VLC would.
+ffmpeg -hide_banner -protocols 2>/dev/null | grep -qw srt || fail "this ffmpeg has no SRT protocol (Debian's has)"
+port=$(( 20000 + RANDOM % 20000 ))
+timeout 60 "$src/pipelines/srt.sh" "$src/examples/assets/portrait.png" "$tmp/speech3.wav" \
+  "srt://127.0.0.1:$port?mode=listener&latency=$latency" width=256 height=256 &
+sender=$!; pids+=("$sender")
+wait_udp_listener "$port"
+# ffmpeg's SRT latency is in microseconds; it stops by itself (an I/O error) when the sender hangs up.
+timeout 60 ffmpeg -v error -y -i "srt://127.0.0.1:$port?latency=$((latency * 1000))" -c copy -f mpegts \
+  "$tmp/ffmpeg.ts" 2> "$tmp/ffmpeg.log" || true
+wait "$sender" || fail "srt.sh (listener, ffmpeg calling) exited with $?"
+check_ts "$tmp/ffmpeg.ts" "ffmpeg calling in"
