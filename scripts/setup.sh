@@ -25,8 +25,12 @@ APT_PACKAGES=(
   libpng-dev libsndfile1-dev nlohmann-json3-dev libgtest-dev googletest libsentencepiece-dev
   # libFuzzer targets for the checkpoint readers
   clang libclang-rt-14-dev
-  # checks: ffprobe, an RTMP server for the streaming test
-  ffmpeg nginx libnginx-mod-rtmp
+  # checks: ffprobe, an RTMP server for the streaming test, ss (waits for the SRT listener)
+  ffmpeg nginx libnginx-mod-rtmp iproute2
+  # examples and integration tests: PyGObject + typelibs (appsink, webrtcbin), ICE for webrtcbin, a headless browser
+  # and websockets for the WebRTC preview test
+  python3-gi python3-gst-1.0 gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0 gstreamer1.0-nice
+  chromium python3-websockets
 )
 
 if [ "${SKIP_APT:-0}" != 1 ]; then
