@@ -160,7 +160,8 @@ TEST(EngineNeural, MemoryPlannerRefusesBeforeAnyWeightFileIsRead) {
     const std::string what = err.what();
     EXPECT_NE(what.find("does not fit in memory at 128x128"), std::string::npos) << what;
     EXPECT_NE(what.find("nothing was loaded"), std::string::npos) << what;
-    EXPECT_NE(what.find(" MiB on cpu, 1.0 free"), std::string::npos) << what;  // the need and the budget, in MiB
+    // The need in MiB (the companions are sized from their files: empty here) and the budget beside it.
+    EXPECT_NE(what.find(" MiB on cpu, 1.0 free"), std::string::npos) << what;
   }
   c.memory_budget = uint64_t{64} << 30;  // fits: now the (empty) weight files are read, and refused
   try {

@@ -505,3 +505,23 @@ TEST(PlannerValidate, DefaultPrecisions) {
 }
 
 }  // namespace
+
+// The companions are sized from what the checkpoint holds: 1/100 of the published parameters gives 1/100 of their
+// weights and 1/10 of their transient bytes (sqrt), the DiT untouched; unset = the published models.
+TEST(PlannerDecision, CompanionSizesScaleTheirBytes) {
+  PlanRequest r;
+  r.devices = parse_devices("cuda:0=80GiB");
+  const auto published = evaluate(r, Parallel::kSingle, 1).devices[0];
+  r.companions.vae_parameters = kVaeParameters / 100;
+  r.companions.audio_encoder_parameters = kWav2Vec2Parameters / 100;
+  r.companions.text_encoder_parameters = kUmt5Parameters / 100;
+  const auto small = evaluate(r, Parallel::kSingle, 1).devices[0];
+  EXPECT_EQ(small.weights, published.weights);
+  EXPECT_EQ(small.kv_rings, published.kv_rings);
+  EXPECT_LT(small.vae, published.vae / 9);
+  EXPECT_GT(small.vae, published.vae / 11);
+  EXPECT_LT(small.audio_encoder, published.audio_encoder / 9);
+  EXPECT_LT(small.text_encoder, published.text_encoder / 9);
+  r.companions = {};
+  EXPECT_EQ(evaluate(r, Parallel::kSingle, 1).devices[0].total(), published.total());
+}

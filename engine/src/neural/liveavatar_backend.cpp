@@ -200,6 +200,16 @@ void check_memory(const EngineConfig& c, const ModelFiles& files) {
   request.height = size.height;
   request.weights = runtime::parse_precision(c.precision);
   request.parallel = runtime::Parallel::kSingle;
+  // The companions' sizes from their files' sizes (stat only: fp32 VAE and wav2vec2, bf16 umT5 as published).
+  auto file_bytes = [](const std::string& path) -> uint64_t {
+    struct stat st {};
+    return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : 0;
+  };
+  request.companions.vae_parameters = file_bytes(files.vae) / 4;
+  uint64_t w2v = file_bytes(files.wav2vec2 + "/model.safetensors");
+  if (w2v == 0) w2v = file_bytes(files.wav2vec2 + "/pytorch_model.bin");
+  request.companions.audio_encoder_parameters = w2v / 4;
+  request.companions.text_encoder_parameters = file_bytes(files.t5) / 2;
   uint64_t budget = c.memory_budget;
   if (budget == 0) {
     if (c.device != "cpu") return;  // the free memory of a CUDA device is read by the CUDA build (not this one)

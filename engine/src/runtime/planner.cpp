@@ -355,11 +355,21 @@ Aux aux_bytes(const PlanRequest& r) {
   const u64 b = bytes_of(r.aux_dtype());
   const u64 px = u(r.height) * u(r.width);
   Aux x;
-  const u64 vae_w = kVaeParameters * b, audio_w = kWav2Vec2Parameters * b;
-  x.vae = vae_w + kVaeCacheBytesPerPixelFp32 * px * b / 4 + kVaeDecodeValuesPerPixel * px * b;
-  x.audio = audio_w + kWav2Vec2WindowBytesFp32 * b / 4;
+  const auto& c = r.companions;
+  const u64 vae_p = c.vae_parameters.value_or(kVaeParameters);
+  const u64 audio_p = c.audio_encoder_parameters.value_or(kWav2Vec2Parameters);
+  const u64 text_p = c.text_encoder_parameters.value_or(kUmt5Parameters);
+  // Transient bytes grow with the width (sqrt of the parameters) from the published models' figures.
+  auto scaled = [](u64 bytes, u64 params, u64 published) {
+    return static_cast<u64>(std::ceil(static_cast<double>(bytes) *
+                                      std::sqrt(static_cast<double>(params) / static_cast<double>(published))));
+  };
+  const u64 vae_w = vae_p * b, audio_w = audio_p * b;
+  x.vae = vae_w + scaled(kVaeCacheBytesPerPixelFp32 * px * b / 4 + kVaeDecodeValuesPerPixel * px * b, vae_p,
+                         kVaeParameters);
+  x.audio = audio_w + scaled(kWav2Vec2WindowBytesFp32 * b / 4, audio_p, kWav2Vec2Parameters);
   x.resident = vae_w + audio_w;
-  x.text = kUmt5Parameters * b + kUmt5PassValues * 4;
+  x.text = text_p * b + scaled(kUmt5PassValues * 4, text_p, kUmt5Parameters);
   return x;
 }
 
@@ -628,9 +638,17 @@ Decision decide(const PlanRequest& request) {
   out.plan = *closest;
   const auto& t = closest->tightest();
   char free_text[32];
-  const char* unit_name = nullptr;
-  const uint64_t unit = unit_of(t.total(), &unit_name);  // the free bytes in the unit of the need
-  std::snprintf(free_text, sizeof free_text, "%.1f", static_cast<double>(t.free_bytes) / static_cast<double>(unit));
+  // The free bytes in the unit of the need ("needs 25.3 GiB on cuda:0, 22.0 free"), or with their own unit when
+  // that would print 0.0 ("needs 2.2 GiB on cpu, 1.0 MiB free").
+  const char* need_unit = nullptr;
+  const char* free_unit = nullptr;
+  const uint64_t unit = unit_of(t.total(), &need_unit);
+  const uint64_t own = unit_of(t.free_bytes, &free_unit);
+  if (own == unit || t.free_bytes >= unit)
+    std::snprintf(free_text, sizeof free_text, "%.1f", static_cast<double>(t.free_bytes) / static_cast<double>(unit));
+  else
+    std::snprintf(free_text, sizeof free_text, "%.1f %s", static_cast<double>(t.free_bytes) / static_cast<double>(own),
+                  free_unit);
   out.message = "needs " + gib(t.total()) + " on " + t.device + ", " + free_text + " free (" +
                 summary(request, *closest) + "); " + what_would_fit(request);
   return out;

@@ -80,8 +80,18 @@ struct Placement {
   int device = kAuto;                // or a device index
 };
 
+/// The companion models' sizes (defaults: the published ones). Their transient bytes (VAE cache and decode, the
+/// wav2vec2 window, the umT5 pass) are the published models' figures scaled by sqrt(parameters / published), as
+/// activations grow with the width while parameters grow with its square.
+struct Companions {
+  std::optional<uint64_t> vae_parameters;            // none = kVaeParameters
+  std::optional<uint64_t> audio_encoder_parameters;  // none = kWav2Vec2Parameters
+  std::optional<uint64_t> text_encoder_parameters;   // none = kUmt5Parameters
+};
+
 struct PlanRequest {
   dit::ModelConfig model;                // the DiT shape and streaming settings (defaults: the 14B model)
+  Companions companions;                 // VAE, wav2vec2, umT5 sizes (defaults: the published models)
   int64_t height = 704;                 // output pixels (multiples of 64: VAE x8, patch x2, FramePack x4)
   int64_t width = 384;
   Precision weights = Precision::kBf16;
