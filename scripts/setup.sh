@@ -27,6 +27,8 @@ APT_PACKAGES=(
   clang libclang-rt-14-dev
   # checks: ffprobe, an RTMP server for the streaming test
   ffmpeg nginx libnginx-mod-rtmp
+  # parallel runtime: Gloo's headers for LibTorch's c10d::ProcessGroupGloo (the wheel ships none; nothing is linked)
+  libgloo-dev
 )
 
 if [ "${SKIP_APT:-0}" != 1 ]; then
