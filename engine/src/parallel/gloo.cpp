@@ -287,13 +287,15 @@ class GlooCommunicator final : public Communicator {
     if (!store_ok) {
       msg = where + "rank 0 (it hosts the rendezvous store) is unreachable: its process ended or failed; check its "
                     "log, then restart every rank";
+    } else if (kind == Failure::kClosed) {
+      msg = where + "a peer closed the connection after " + format_duration(waited) + " (its process ended or failed)" +
+            (behind.empty() ? std::string()
+                            : "; " + ranks_text(behind) + " had not reached it") +
+            "; check the ranks' logs, then restart every rank";
     } else if (!behind.empty()) {
       msg = where + ranks_text(behind) + (behind.size() == 1 ? " has" : " have") + " not reached it within " +
             format_duration(waited) + "; check " + (behind.size() == 1 ? "that rank" : "those ranks") +
             ", or raise parallel-timeout";
-    } else if (kind == Failure::kClosed) {
-      msg = where + "a peer closed the connection after " + format_duration(waited) +
-            " (its process ended or failed); check the ranks' logs, then restart every rank";
     } else if (kind == Failure::kTimeout) {
       msg = where + "every rank entered it but it did not complete within " + format_duration(timeout) +
             "; check the ranks, or raise parallel-timeout";
