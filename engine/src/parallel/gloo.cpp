@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
+#include <mutex>
 #include <vector>
 
 #include "parallel/communicator.h"
@@ -44,6 +45,16 @@ std::string lower(std::string s) {
 
 bool is_loopback(const std::string& host) {
   return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+}
+
+// c10d's flight recorder is one per process; torch 2.11 inserts a process group's status into its map before taking
+// its lock (FlightRecorder::recordWithResetEnabled), so two process groups of one process (ranks as threads) that
+// start an operation at once corrupt that map (seen as a SIGSEGV about once in 40 runs of the thread tests). The
+// calls that create work are therefore made one at a time per process; they only post or enqueue, the waits happen
+// outside this lock.
+std::mutex& c10d_call_mutex() {
+  static std::mutex m;
+  return m;
 }
 
 enum class Failure { kTimeout, kClosed, kOther };
@@ -122,6 +133,7 @@ class GlooCommunicator final : public Communicator {
     const auto t0 = Clock::now();
     c10::intrusive_ptr<c10d::Work> work;
     try {
+      std::lock_guard<std::mutex> lock(c10d_call_mutex());
       work = pg_->send(v, to, /*tag=*/0);
     } catch (const std::exception& e) {
       fail("send to rank " + std::to_string(to), to, timeout, t0, e.what(), work);
@@ -137,6 +149,7 @@ class GlooCommunicator final : public Communicator {
     const auto t0 = Clock::now();
     c10::intrusive_ptr<c10d::Work> work;
     try {
+      std::lock_guard<std::mutex> lock(c10d_call_mutex());
       work = pg_->recv(v, from, /*tag=*/0);
     } catch (const std::exception& e) {
       fail("recv from rank " + std::to_string(from), from, timeout, t0, e.what(), work);
@@ -160,6 +173,7 @@ class GlooCommunicator final : public Communicator {
     options.timeout = timeout;
     c10::intrusive_ptr<c10d::Work> work;
     try {
+      std::lock_guard<std::mutex> lock(c10d_call_mutex());
       work = pg_->broadcast(v, options);
     } catch (const std::exception& e) {
       fail_collective(op, seq, timeout, t0, e.what(), work);
@@ -175,6 +189,7 @@ class GlooCommunicator final : public Communicator {
     options.timeout = timeout;
     c10::intrusive_ptr<c10d::Work> work;
     try {
+      std::lock_guard<std::mutex> lock(c10d_call_mutex());
       work = pg_->barrier(options);
     } catch (const std::exception& e) {
       fail_collective("barrier", seq, timeout, t0, e.what(), work);
