@@ -273,7 +273,9 @@ TEST(ThreadWorldErrors, RendezvousErrorsSayWhatToDo) {
   // Nobody hosts the port.
   auto cfg = loopback(2, 1, 1000ms).with_port(1);
   const auto t0 = Clock::now();
-  EXPECT_HAS(error_of([&] { Rendezvous::open(cfg); }), "start rank 0 first");
+  const auto unreachable = error_of([&] { Rendezvous::open(cfg); });
+  show(unreachable);
+  EXPECT_HAS(unreachable, "start rank 0 first");
   EXPECT_LT(seconds_since(t0), 5.0);
   EXPECT_HAS(error_of([&] { Rendezvous::open(loopback(2, 1)); }), "needs the port rank 0 listens on");
 }

@@ -5,6 +5,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <string>
@@ -229,6 +232,37 @@ void run_plan_as_processes(const std::string& dir, Plan plan, int world) {
   }
 }
 
+TEST(PlanProcesses, ARankKilledMidStreamGivesANamedErrorOnRankZero) {
+  const auto dir = four_layer_dir();
+  const auto cfg = config_of(dir);
+  const auto in = make_inputs(cfg, kBlocks);
+  auto pc = loopback(2, 0, 5s, Plan::kStage);
+  const dit::Model model0(cfg, dir + "/" + weights::OfficialFiles::kDitDir, fp32(0, 2));
+  auto rv = Rendezvous::open(pc);
+  Child child("plan-stage", 1, 2, rv.port(), 5s, {dir, "--die-after=2"});
+  auto comm = connect_gloo(pc.with_port(rv.port()), rv);
+  RankSession s(pc, *comm, model0, options());
+  s.set_condition(in.ref, in.motion, in.text);
+  s.generate_block(in.audio[0]);
+  s.generate_block(in.audio[1]);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::string error;
+  try {
+    s.generate_block(in.audio[2]);
+  } catch (const ParallelError& e) {
+    error = e.what();
+  }
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("[error] %s\n", error.c_str());
+  EXPECT_NE(error.find("rank 1"), std::string::npos) << error;
+  EXPECT_TRUE(error.find("closed the connection") != std::string::npos ||
+              error.find("did not answer within 5 s") != std::string::npos)
+      << error;
+  EXPECT_LT(took, 7.0);
+  EXPECT_EQ(s.blocks_done(), 2);
+  EXPECT_EQ(child.wait_for(10s), 128 + SIGKILL);
+}
+
 TEST(PlanProcesses, StageOfFourProcessesEqualsSingle) { run_plan_as_processes(four_layer_dir(), Plan::kStage, 4); }
 TEST(PlanProcesses, StepOfFourProcessesEqualsSingle) { run_plan_as_processes(four_layer_dir(), Plan::kStep, 4); }
 
@@ -249,7 +283,12 @@ int child_plan(const ChildArgs& a) {
   const auto pc = loopback(a.world, a.rank, a.timeout, plan).with_port(a.port);
   RankSession s(pc, *comm, model, options());
   s.set_condition({}, {}, {});
+  // --die-after=N: killed by itself after N blocks (a rank lost mid-stream).
+  int die_after = -1;
+  for (const auto& e : a.extra)
+    if (e.rfind("--die-after=", 0) == 0) die_after = std::atoi(e.c_str() + 12);
   for (int b = 0; b < kBlocks; ++b) {
+    if (b == die_after) ::raise(SIGKILL);
     const auto r = s.generate_block({});
     if (r.velocities.empty() && (plan == Plan::kStep || pc.is_last())) return 4;
   }
