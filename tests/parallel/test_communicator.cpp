@@ -280,6 +280,51 @@ TEST(ThreadWorldErrors, RendezvousErrorsSayWhatToDo) {
   EXPECT_HAS(error_of([&] { Rendezvous::open(loopback(2, 1)); }), "needs the port rank 0 listens on");
 }
 
+TEST(ThreadWorldErrors, ASizeOrDtypeMismatchIsANamedErrorNotACrash) {
+  // Gloo itself terminates the process when a message does not fit the posted buffer; the envelope turns that
+  // into an error on the receiving rank. The sender may finish or time out; neither crashes.
+  struct Case {
+    at::Tensor sent, into;
+    const char* needle;
+  };
+  const std::vector<Case> cases{
+      {at::ones({100}), at::zeros({50}), "rank 0 sent 400 bytes (100 x Float) but this rank expects 200 bytes (50 x Float)"},
+      {at::ones({100}, at::kBFloat16), at::zeros({100}, at::kHalf), "(100 x BFloat16) but this rank expects 200 bytes (100 x Half)"},
+  };
+  for (const auto& c : cases) {
+    std::string error;
+    const auto errors = run_world(
+        2,
+        [&](int r, Communicator& comm) {
+          if (r == 0) {
+            error_of([&] { comm.send(c.sent, 1, 1000ms); });
+            return;
+          }
+          auto into = c.into.clone();
+          error = error_of([&] { comm.recv(into, 0); });
+          EXPECT_FALSE(comm.broken().empty());
+        },
+        5s);
+    expect_all_ok(errors);
+    show(error);
+    EXPECT_HAS(error, "recv from rank 0 on rank 1: ");
+    EXPECT_HAS(error, c.needle);
+    EXPECT_HAS(error, "restart every rank");
+  }
+  // The same for a broadcast whose buffers differ.
+  std::string error;
+  const auto errors = run_world(
+      2,
+      [&](int r, Communicator& comm) {
+        auto t = r == 0 ? at::ones({100}) : at::zeros({50});
+        const auto e = error_of([&] { comm.broadcast(t, 0, 1000ms); });
+        if (r == 1) error = e;
+      },
+      5s);
+  expect_all_ok(errors);
+  EXPECT_HAS(error, "broadcast from rank 0 on rank 1: rank 0 sent 400 bytes (100 x Float) but this rank expects 200");
+}
+
 TEST(ThreadWorldErrors, MisuseIsRefusedWithoutBreakingTheCommunicator) {
   const auto errors = run_world(2, [&](int r, Communicator& comm) {
     auto t = at::zeros({4, 4});

@@ -125,36 +125,30 @@ class GlooCommunicator final : public Communicator {
   std::string backend() const override { return "gloo"; }
   std::string broken() const override { return broken_; }
 
+  // Every transfer is preceded by an envelope (tag 1: never matched with data, tag 0) that says what comes: Gloo
+  // terminates the process when a message does not fit the posted buffer, so sizes are compared before the data
+  // is posted, and a mismatch becomes a ParallelError on the receiving rank.
   void send(const at::Tensor& tensor, int to, Duration timeout) override {
     check_usable("send");
     check_peer("send to", to);
     check_tensor("send", tensor, /*must_be_contiguous=*/false);
-    std::vector<at::Tensor> v{tensor.contiguous()};
+    const std::string op = "send to rank " + std::to_string(to);
     const auto t0 = Clock::now();
-    c10::intrusive_ptr<c10d::Work> work;
-    try {
-      std::lock_guard<std::mutex> lock(c10d_call_mutex());
-      work = pg_->send(v, to, /*tag=*/0);
-    } catch (const std::exception& e) {
-      fail("send to rank " + std::to_string(to), to, timeout, t0, e.what(), work);
-    }
-    finish(work, "send to rank " + std::to_string(to), to, timeout, t0);
+    const auto data = tensor.contiguous();
+    p2p(/*is_send=*/true, envelope_of(data), to, kEnvelopeTag, op, timeout, t0);
+    p2p(/*is_send=*/true, data, to, kDataTag, op, timeout, t0);
   }
 
   void recv(at::Tensor& into, int from, Duration timeout) override {
     check_usable("recv");
     check_peer("recv from", from);
     check_tensor("recv", into, /*must_be_contiguous=*/true);
-    std::vector<at::Tensor> v{into};
+    const std::string op = "recv from rank " + std::to_string(from);
     const auto t0 = Clock::now();
-    c10::intrusive_ptr<c10d::Work> work;
-    try {
-      std::lock_guard<std::mutex> lock(c10d_call_mutex());
-      work = pg_->recv(v, from, /*tag=*/0);
-    } catch (const std::exception& e) {
-      fail("recv from rank " + std::to_string(from), from, timeout, t0, e.what(), work);
-    }
-    finish(work, "recv from rank " + std::to_string(from), from, timeout, t0);
+    auto envelope = at::empty({kEnvelopeLength}, at::kLong);
+    p2p(/*is_send=*/false, envelope, from, kEnvelopeTag, op, timeout, t0);
+    check_envelope(envelope, into, op, from);
+    p2p(/*is_send=*/false, into, from, kDataTag, op, timeout, t0);
   }
 
   void broadcast(at::Tensor& tensor, int root, Duration timeout) override {
@@ -166,19 +160,10 @@ class GlooCommunicator final : public Communicator {
     const std::string op = "broadcast from rank " + std::to_string(root);
     const auto t0 = Clock::now();
     const int64_t seq = enter_collective();
-    std::vector<at::Tensor> v{tensor};
-    c10d::BroadcastOptions options;
-    options.rootRank = root;
-    options.rootTensor = 0;
-    options.timeout = timeout;
-    c10::intrusive_ptr<c10d::Work> work;
-    try {
-      std::lock_guard<std::mutex> lock(c10d_call_mutex());
-      work = pg_->broadcast(v, options);
-    } catch (const std::exception& e) {
-      fail_collective(op, seq, timeout, t0, e.what(), work);
-    }
-    finish_collective(work, op, seq, timeout, t0);
+    auto envelope = envelope_of(tensor);
+    collective_broadcast(envelope, root, op, seq, timeout, t0);
+    if (rank() != root) check_envelope(envelope, tensor, op, root);
+    collective_broadcast(tensor, root, op, seq, timeout, t0);
   }
 
   void barrier(Duration timeout) override {
@@ -198,6 +183,77 @@ class GlooCommunicator final : public Communicator {
   }
 
  private:
+  static constexpr int kDataTag = 0, kEnvelopeTag = 1;
+  static constexpr int64_t kEnvelopeLength = 4, kMagic = 0x4c41564154415231;  // "LAVATAR1"
+
+  static at::Tensor envelope_of(const at::Tensor& t) {
+    return at::tensor(std::vector<int64_t>{kMagic, static_cast<int64_t>(t.nbytes()),
+                                           static_cast<int64_t>(t.scalar_type()), t.numel()},
+                      at::kLong);
+  }
+
+  static std::string describe(int64_t nbytes, int64_t dtype, int64_t numel) {
+    return std::to_string(nbytes) + " bytes (" + std::to_string(numel) + " x " +
+           c10::toString(static_cast<at::ScalarType>(dtype)) + ")";
+  }
+
+  // The sender's envelope against the buffer posted here; a mismatch breaks the communicator with what each side has.
+  void check_envelope(const at::Tensor& envelope, const at::Tensor& into, const std::string& op, int peer) {
+    const auto* e = envelope.data_ptr<int64_t>();
+    std::string problem;
+    if (e[0] != kMagic) {
+      problem = "rank " + std::to_string(peer) + " sent something that is not a liveavatar message";
+    } else if (e[1] != static_cast<int64_t>(into.nbytes()) || e[2] != static_cast<int64_t>(into.scalar_type())) {
+      if (e[2] < 0 || e[2] >= static_cast<int64_t>(at::ScalarType::NumOptions)) {
+        problem = "rank " + std::to_string(peer) + " sent an unknown dtype";
+      } else {
+        problem = "rank " + std::to_string(peer) + " sent " + describe(e[1], e[2], e[3]) + " but this rank expects " +
+                  describe(static_cast<int64_t>(into.nbytes()), static_cast<int64_t>(into.scalar_type()),
+                           into.numel());
+      }
+    }
+    if (problem.empty()) return;
+    broken_ = op + " on rank " + std::to_string(rank()) + ": " + problem +
+              "; the ranks are out of step (different plans, sizes or builds?): restart every rank";
+    throw ParallelError(broken_);
+  }
+
+  void p2p(bool is_send, const at::Tensor& tensor, int peer, int tag, const std::string& op, Duration timeout,
+           Clock::time_point t0) {
+    std::vector<at::Tensor> v{tensor};
+    c10::intrusive_ptr<c10d::Work> work;
+    try {
+      std::lock_guard<std::mutex> lock(c10d_call_mutex());
+      work = is_send ? pg_->send(v, peer, tag) : pg_->recv(v, peer, tag);
+    } catch (const std::exception& e) {
+      fail(op, peer, timeout, t0, e.what(), work);
+    }
+    finish(work, op, peer, timeout, t0);
+  }
+
+  void collective_broadcast(at::Tensor& tensor, int root, const std::string& op, int64_t seq, Duration timeout,
+                            Clock::time_point t0) {
+    std::vector<at::Tensor> v{tensor};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    options.rootTensor = 0;
+    options.timeout = remaining(timeout, t0);
+    c10::intrusive_ptr<c10d::Work> work;
+    try {
+      std::lock_guard<std::mutex> lock(c10d_call_mutex());
+      work = pg_->broadcast(v, options);
+    } catch (const std::exception& e) {
+      fail_collective(op, seq, timeout, t0, e.what(), work);
+    }
+    finish_collective(work, op, seq, timeout, t0);
+  }
+
+  // What is left of a call's timeout (its parts share it), at least 1 ms.
+  static Duration remaining(Duration timeout, Clock::time_point t0) {
+    const auto spent = std::chrono::duration_cast<Duration>(Clock::now() - t0);
+    return std::max(Duration(1), timeout - spent);
+  }
+
   std::string endpoint() const {
     return config_.rendezvous().host + ":" + std::to_string(rendezvous_->port);
   }
@@ -229,7 +285,7 @@ class GlooCommunicator final : public Communicator {
   void finish(const c10::intrusive_ptr<c10d::Work>& work, const std::string& op, int peer, Duration timeout,
               Clock::time_point t0) {
     try {
-      if (!work->wait(timeout)) fail(op, peer, timeout, t0, "timed out", work);
+      if (!work->wait(remaining(timeout, t0))) fail(op, peer, timeout, t0, "timed out", work);
     } catch (const ParallelError&) {
       throw;
     } catch (const std::exception& e) {
@@ -276,7 +332,7 @@ class GlooCommunicator final : public Communicator {
   void finish_collective(const c10::intrusive_ptr<c10d::Work>& work, const std::string& op, int64_t seq,
                          Duration timeout, Clock::time_point t0) {
     try {
-      if (!work->wait(timeout)) fail_collective(op, seq, timeout, t0, "timed out", work);
+      if (!work->wait(remaining(timeout, t0))) fail_collective(op, seq, timeout, t0, "timed out", work);
     } catch (const ParallelError&) {
       throw;
     } catch (const std::exception& e) {
