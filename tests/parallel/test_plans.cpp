@@ -175,6 +175,36 @@ TEST(PlanThreads, StageOfTwoOnFourLayersEqualsSingle) { run_plan_as_threads(four
 TEST(PlanThreads, StageOfFourEqualsSingle) { run_plan_as_threads(four_layer_dir(), Plan::kStage, 4); }
 TEST(PlanThreads, StepOfFourOnTheTinyCheckpointEqualsSingle) { run_plan_as_threads(testutil::tiny().dir, Plan::kStep, 4); }
 
+TEST(PlanThreads, StageOfTwoInBf16EqualsSingleInBf16) {
+  // The hidden state crosses the stage boundary in the model dtype (bf16 here), as the planner counts it.
+  const auto dir = four_layer_dir();
+  const auto cfg = config_of(dir);
+  const auto path = dir + "/" + weights::OfficialFiles::kDitDir;
+  auto bf16 = [](int64_t first, int64_t last) {
+    auto o = fp32(first, last);
+    o.precision = dit::Precision::kBf16;
+    return o;
+  };
+  const auto in = make_inputs(cfg, kBlocks);
+  dit::Model full(cfg, path, bf16(0, -1));
+  dit::Session single(full, options());
+  single.set_condition(in.ref, in.motion, in.text);
+  std::vector<dit::BlockResult> expected;
+  for (const auto& a : in.audio) expected.push_back(single.generate_block(a));
+  const dit::Model a(cfg, path, bf16(0, 2)), b(cfg, path, bf16(2, 4));
+  std::vector<dit::BlockResult> got;
+  const auto errors = run_world(2, [&](int r, Communicator& comm) {
+    auto out = rank_stream(loopback(2, r, 60s, Plan::kStage), comm, r == 0 ? a : b, in);
+    if (r == 0) got = std::move(out);
+  }, 60s);
+  expect_all_ok(errors);
+  ASSERT_EQ(got.size(), expected.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].latents.scalar_type(), at::kBFloat16);
+    EXPECT_TRUE(close(got[i].latents, expected[i].latents, "bf16 block " + std::to_string(i) + " latents", kFp32));
+  }
+}
+
 TEST(PlanThreads, RefusesModelsThatDoNotFitThePlan) {
   const auto dir = four_layer_dir();
   const auto cfg = config_of(dir);

@@ -15,6 +15,9 @@
 // raise parallel-timeout"); the communicator is then broken (every later call throws at once) and every rank must
 // build a new one (a new Rendezvous generation or port). Nothing hangs past the timeout, nothing aborts the process.
 //
+// Each transfer is preceded by a small envelope (bytes, dtype, elements), so a buffer that does not fit what the
+// peer sent is a ParallelError on the receiving rank (Gloo alone would terminate the process).
+//
 // Implementations: Gloo (CPU tensors, TCP; c10d::ProcessGroupGloo from LibTorch). NCCL (CUDA tensors) fits the same
 // interface: c10d::ProcessGroupNCCL over the same TCPStore, its work waited with the same timeout.
 //
