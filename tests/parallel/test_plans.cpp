@@ -34,9 +34,15 @@ struct FourLayerCheckpoint {
     auto c = weights::ModelConfig::tiny();
     c.dit.num_layers = 4;
     c.dit.audio_inject_layers = {0, 1, 3};
-    weights::make_tiny_checkpoint(dir, c, /*seed=*/3);
+    try {
+      weights::make_tiny_checkpoint(dir, c, /*seed=*/3);
+    } catch (...) {
+      remove();  // a failed construction runs no destructor
+      throw;
+    }
   }
-  ~FourLayerCheckpoint() { (void)std::system(("rm -rf '" + dir + "'").c_str()); }
+  void remove() const { (void)std::system(("rm -rf '" + dir + "'").c_str()); }
+  ~FourLayerCheckpoint() { remove(); }
 };
 
 const std::string& four_layer_dir() {
