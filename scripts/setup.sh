@@ -31,6 +31,8 @@ APT_PACKAGES=(
   # and websockets for the WebRTC preview test
   python3-gi python3-gst-1.0 gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0 gstreamer1.0-nice
   chromium python3-websockets
+  # parallel runtime: Gloo's headers for LibTorch's c10d::ProcessGroupGloo (the wheel ships none; nothing is linked)
+  libgloo-dev
 )
 
 if [ "${SKIP_APT:-0}" != 1 ]; then

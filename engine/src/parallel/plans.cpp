@@ -1,0 +1,303 @@
+// The step and stage plans, one rank at a time. SPDX-License-Identifier: LGPL-2.1-or-later
+#include "parallel/plans.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
+
+#include "parallel/messages.h"
+
+namespace liveavatar::parallel {
+
+struct RankSession::State {
+  dit::StreamState stream;               // this rank's layers: text K/V, sink K/V, rings
+  std::vector<dit::RopeSegment> segments;  // the sink's RoPE layout (rank 0 prepares the calls)
+  dit::Schedule schedule;
+  int64_t capacity = 0;      // ring tokens
+  int64_t frame_tokens = 0;
+  int64_t block = 0;         // blocks generated
+  bool ready = false;        // set_condition completed
+  // Rank 0 (and, for step, every rank: each prefills its own sink).
+  at::Tensor ref, motion, refresh_motion;
+  at::Tensor clip_noise;
+};
+
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+at::Tensor scalar_long(int64_t v) { return at::full({1}, v, at::kLong); }
+
+}  // namespace
+
+RankSession::RankSession(const ParallelConfig& config, Communicator& comm, const dit::Model& model,
+                         dit::SessionOptions options)
+    : config_(config), comm_(comm), model_(model), options_(std::move(options)), state_(std::make_unique<State>()) {
+  if (comm_.rank() != config_.rank() || comm_.world_size() != config_.world_size())
+    throw ParallelError("the communicator is rank " + std::to_string(comm_.rank()) + " of " +
+                        std::to_string(comm_.world_size()) + ", the config rank " + std::to_string(config_.rank()) +
+                        " of " + std::to_string(config_.world_size()));
+  check_model();
+  state_->schedule = dit::make_schedule(model_.config());
+}
+
+RankSession::~RankSession() = default;
+
+void RankSession::check_model() const {
+  const auto& cfg = model_.config();
+  const int world = config_.world_size(), rank = config_.rank();
+  switch (config_.plan()) {
+    case Plan::kStep:
+      if (world != cfg.sampling_steps)
+        throw ParallelError("the step plan runs one denoising step per rank: " + std::to_string(cfg.sampling_steps) +
+                            " ranks for " + std::to_string(cfg.sampling_steps) + " steps, got " +
+                            std::to_string(world) + "; give " + std::to_string(cfg.sampling_steps) +
+                            " devices, or choose parallel=stage");
+      if (model_.first_layer() != 0 || model_.last_layer() != cfg.num_layers || !model_.has_embeddings() ||
+          !model_.has_head())
+        throw ParallelError("the step plan needs the whole DiT on every rank; rank " + std::to_string(rank) +
+                            " holds layers " + std::to_string(model_.first_layer()) + ".." +
+                            std::to_string(model_.last_layer()));
+      break;
+    case Plan::kStage: {
+      const auto [first, last] = stage_layers(cfg.num_layers, rank, world);
+      if (model_.first_layer() != first || model_.last_layer() != last)
+        throw ParallelError("stage rank " + std::to_string(rank) + " of " + std::to_string(world) +
+                            " must hold layers [" + std::to_string(first) + ", " + std::to_string(last) +
+                            "), its model holds [" + std::to_string(model_.first_layer()) + ", " +
+                            std::to_string(model_.last_layer()) + "); build it with LoadOptions first_layer / "
+                            "last_layer from stage_layers()");
+      if (rank == 0 && !model_.has_embeddings())
+        throw ParallelError("stage rank 0 must hold the embeddings");
+      if (rank == world - 1 && !model_.has_head())
+        throw ParallelError("stage rank " + std::to_string(rank) + " (the last) must hold the head");
+      break;
+    }
+    case Plan::kSingle:
+    case Plan::kAuto:
+      throw ParallelError(std::string("RankSession runs the step and stage plans, not \"") +
+                          plan_name(config_.plan()) + "\" (single: dit::Session; auto: resolve it with the planner)");
+  }
+}
+
+int64_t RankSession::blocks_done() const { return state_->block; }
+
+void RankSession::set_refresh_motion(const at::Tensor& motion_latents) { state_->refresh_motion = motion_latents; }
+
+// The same offsets dit::Session draws: recorded ones first, then splitmix64 of the seed and the call index.
+int64_t RankSession::rope_offset(int64_t call) const {
+  const auto& cfg = model_.config();
+  if (call < static_cast<int64_t>(options_.rope_offsets.size())) return options_.rope_offsets[static_cast<size_t>(call)];
+  const auto span = static_cast<uint64_t>(cfg.rope_offset_max - cfg.rope_offset_min + 1);
+  return cfg.rope_offset_min +
+         static_cast<int64_t>(splitmix64(options_.rope_seed * 0x100000001B3ull + static_cast<uint64_t>(call)) % span);
+}
+
+void RankSession::set_condition(const at::Tensor& ref_latent, const at::Tensor& motion_latents,
+                                const at::Tensor& text_context) {
+  at::NoGradGuard no_grad;
+  if (config_.is_first() &&
+      (!ref_latent.defined() || ref_latent.dim() != 4 || ref_latent.size(2) % 8 != 0 || ref_latent.size(3) % 8 != 0))
+    throw ParallelError("reference latent [C, 1, H, W] needs H and W multiples of 8 (FramePack 4x bucket), got " +
+                        (ref_latent.defined() ? c10::str(ref_latent.sizes()) : std::string("none")));
+  state_->ready = false;
+  if (config_.plan() == Plan::kStep) step_set_condition(ref_latent, motion_latents, text_context);
+  else stage_set_condition(ref_latent, motion_latents, text_context);
+  state_->block = 0;
+  state_->ready = true;
+}
+
+dit::BlockResult RankSession::generate_block(const at::Tensor& audio) {
+  at::NoGradGuard no_grad;
+  if (!state_->ready) throw ParallelError("generate_block before set_condition: the sink must be prefilled first");
+  if (config_.is_first() && !audio.defined()) throw ParallelError("rank 0 needs the block's audio features");
+  auto result = config_.plan() == Plan::kStep ? step_block(audio) : stage_block(audio);
+  ++state_->block;
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// step: rank s runs denoising step s of every block with the full model
+// ---------------------------------------------------------------------------------------------------------------
+
+void RankSession::step_set_condition(const at::Tensor& ref, const at::Tensor& motion, const at::Tensor& text) {
+  auto& st = *state_;
+  const int rank = config_.rank();
+  std::vector<at::Tensor> in{ref, motion, text};
+  if (rank > 0) in = recv_tensors(comm_, rank - 1);
+  if (!config_.is_last()) send_tensors(comm_, in, rank + 1);
+  const auto& cfg = model_.config();
+  st.ref = in[0];
+  st.motion = in[1];
+  st.frame_tokens = (st.ref.size(2) / cfg.patch_size[1]) * (st.ref.size(3) / cfg.patch_size[2]);
+  st.stream = model_.new_state(st.frame_tokens);
+  // Only the ring of this rank's step is used: free the others.
+  for (size_t i = 0; i < st.stream.rings.size(); ++i)
+    if (static_cast<int>(i) != rank) st.stream.rings[i].layers.clear();
+  st.capacity = st.stream.rings[static_cast<size_t>(rank)].capacity;
+  model_.set_text(model_.embed_text(in[2]), st.stream);
+  auto sink = model_.prepare_sink(st.ref, st.motion);
+  model_.prefill(sink, st.stream);
+  st.segments = sink.segments;
+}
+
+dit::BlockResult RankSession::step_block(const at::Tensor& audio) {
+  auto& st = *state_;
+  const auto& cfg = model_.config();
+  const int rank = config_.rank(), world = config_.world_size();
+  const int64_t per_clip = cfg.clip_frames / cfg.frames_per_block;
+  const int64_t clip = st.block / per_clip, in_clip = st.block % per_clip;
+  const bool refresh = in_clip == 0 && clip == 1 && options_.roll_sink;
+
+  at::Tensor a, latents;
+  if (rank == 0) {
+    a = audio.dim() == 3 ? audio.unsqueeze(0) : audio;
+    if (in_clip == 0) {
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(options_.seed + static_cast<uint64_t>(clip));
+      st.clip_noise = at::randn({cfg.in_dim, cfg.clip_frames, st.ref.size(2), st.ref.size(3)}, gen,
+                                at::TensorOptions().dtype(model_.dtype()));
+    }
+    latents = st.clip_noise.slice(1, in_clip * cfg.frames_per_block, (in_clip + 1) * cfg.frames_per_block);
+    if (refresh && st.refresh_motion.defined()) st.motion = st.refresh_motion;
+  } else {
+    auto msg = recv_tensors(comm_, rank - 1);
+    a = msg[0];
+    latents = msg[1];
+    if (refresh) {
+      st.ref = msg[2];
+      st.motion = msg[3];
+    }
+  }
+  if (refresh) {
+    // Rolling sink: every rank holds its own copy, refreshed with the first latent frame of clip 0.
+    auto sink = model_.prepare_sink(st.ref, st.motion);
+    model_.prefill(sink, st.stream);
+    st.segments = sink.segments;
+  }
+  latents = latents.to(model_.device());
+  const int64_t current_start = st.block * cfg.frames_per_block * st.frame_tokens;
+  const int64_t offset = rope_offset(st.block * cfg.sampling_steps + rank);
+  const double t = st.schedule.timesteps[rank].item<double>();
+  auto in = model_.prepare(latents, t, a, st.segments, current_start, offset, st.capacity);
+  model_.run_layers(in, st.stream, rank);
+  const auto velocity = model_.head(in);
+  latents = dit::euler_step(latents, velocity, st.schedule, rank);
+
+  dit::BlockResult result;
+  result.velocities.push_back(velocity);
+  result.rope_offsets.push_back(offset);
+  if (rank + 1 < world) {
+    std::vector<at::Tensor> msg{a, latents};
+    if (refresh) msg.insert(msg.end(), {st.ref, st.motion});
+    send_tensors(comm_, msg, rank + 1);
+  } else if (world > 1) {
+    send_tensors(comm_, {latents}, 0);
+  }
+  if (rank == 0) {
+    result.latents = world > 1 ? recv_tensors(comm_, world - 1).at(0).to(model_.device()) : latents;
+    if (clip == 0 && in_clip == 0) st.ref = result.latents.slice(1, 0, 1).clone();  // the next sink's reference
+  } else if (rank == world - 1) {
+    result.latents = latents;
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// stage: rank k runs its layer range for every step; the hidden state walks the pipeline
+// ---------------------------------------------------------------------------------------------------------------
+
+void RankSession::stage_set_condition(const at::Tensor& ref, const at::Tensor& motion, const at::Tensor& text) {
+  auto& st = *state_;
+  const int rank = config_.rank();
+  const auto& cfg = model_.config();
+  // The embedded text and the token count travel down the pipeline; each stage caches its layers' text K/V.
+  std::vector<at::Tensor> msg;
+  if (rank == 0) {
+    const int64_t ft = (ref.size(2) / cfg.patch_size[1]) * (ref.size(3) / cfg.patch_size[2]);
+    msg = {model_.embed_text(text), scalar_long(ft)};
+  } else {
+    msg = recv_tensors(comm_, rank - 1);
+  }
+  if (!config_.is_last()) send_tensors(comm_, msg, rank + 1);
+  st.frame_tokens = msg[1].cpu().item<int64_t>();
+  st.stream = model_.new_state(st.frame_tokens);
+  st.capacity = st.stream.rings.front().capacity;
+  model_.set_text(msg[0].to(model_.device()), st.stream);
+  if (rank == 0) {
+    st.ref = ref;
+    st.motion = motion;
+  }
+  stage_prefill(st.ref, st.motion);
+}
+
+void RankSession::stage_prefill(const at::Tensor& ref, const at::Tensor& motion) {
+  auto& st = *state_;
+  const int rank = config_.rank();
+  dit::SinkInputs in = rank == 0 ? model_.prepare_sink(ref, motion) : recv_sink_inputs(comm_, rank - 1, model_.device());
+  model_.prefill(in, st.stream);
+  if (!config_.is_last()) send_sink_inputs(comm_, in, rank + 1);
+  st.segments = in.segments;
+}
+
+dit::BlockResult RankSession::stage_block(const at::Tensor& audio) {
+  auto& st = *state_;
+  const auto& cfg = model_.config();
+  const int rank = config_.rank(), world = config_.world_size();
+  const int64_t per_clip = cfg.clip_frames / cfg.frames_per_block;
+  const int64_t clip = st.block / per_clip, in_clip = st.block % per_clip;
+  if (in_clip == 0 && clip == 1 && options_.roll_sink) {
+    // Rolling sink: the refreshed conditioning runs through every stage before the block.
+    if (rank == 0 && st.refresh_motion.defined()) st.motion = st.refresh_motion;
+    stage_prefill(st.ref, st.motion);
+  }
+  dit::BlockResult result;
+  if (rank == 0) {
+    const auto a = audio.dim() == 3 ? audio.unsqueeze(0) : audio;
+    if (in_clip == 0) {
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(options_.seed + static_cast<uint64_t>(clip));
+      st.clip_noise = at::randn({cfg.in_dim, cfg.clip_frames, st.ref.size(2), st.ref.size(3)}, gen,
+                                at::TensorOptions().dtype(model_.dtype()));
+    }
+    auto latents = st.clip_noise.slice(1, in_clip * cfg.frames_per_block, (in_clip + 1) * cfg.frames_per_block)
+                       .to(model_.device());
+    const int64_t current_start = st.block * cfg.frames_per_block * st.frame_tokens;
+    for (int64_t i = 0; i < cfg.sampling_steps; ++i) {
+      const int64_t offset = rope_offset(st.block * cfg.sampling_steps + i);
+      result.rope_offsets.push_back(offset);
+      const double t = st.schedule.timesteps[i].item<double>();
+      auto in = model_.prepare(latents, t, a, st.segments, current_start, offset, st.capacity);
+      model_.run_layers(in, st.stream, i);
+      at::Tensor velocity;
+      if (world == 1) {
+        velocity = model_.head(in);
+      } else {
+        send_block_inputs(comm_, in, 1);
+        velocity = recv_tensors(comm_, world - 1).at(0).to(model_.device());
+      }
+      result.velocities.push_back(velocity);
+      latents = dit::euler_step(latents, velocity, st.schedule, i);
+    }
+    if (clip == 0 && in_clip == 0) st.ref = latents.slice(1, 0, 1).clone();  // the next sink's reference
+    result.latents = latents;
+  } else {
+    for (int64_t i = 0; i < cfg.sampling_steps; ++i) {
+      auto in = recv_block_inputs(comm_, rank - 1, model_.device());
+      model_.run_layers(in, st.stream, i);
+      if (rank + 1 < world) {
+        send_block_inputs(comm_, in, rank + 1);
+      } else {
+        const auto velocity = model_.head(in);
+        result.velocities.push_back(velocity);
+        send_tensors(comm_, {velocity}, 0);
+      }
+    }
+  }
+  return result;
+}
+
+}  // namespace liveavatar::parallel

@@ -1,0 +1,67 @@
+// gst-liveavatar parallel plans: one rank's part of a DiT stream under `step` (LiveAvatar's TPP) or `stage` (layer
+// pipeline), over a Communicator. SPDX-License-Identifier: LGPL-2.1-or-later
+//
+// Work item (block b, denoising step s): (b, s) needs the latent of (b, s - 1) and, at each layer, the KV that
+// earlier blocks wrote into the ring of step s.
+//
+//   step  (N = sampling steps)   rank s: full DiT, the ring of step s, its own copy of the sink.
+//         rank 0 draws the noise and runs step 0; {audio, latent} go s -> s + 1 (with the new reference when the sink
+//         rolls); rank N-1 sends the denoised latent back to rank 0.
+//   stage (N <= layers)          rank k: layers [kL/N, (k+1)L/N) and their injectors, the rings of every step and
+//         the sink K/V of its layers; embeddings on rank 0, head on rank N-1. Per step, the block inputs (hidden
+//         state + the small per-call tensors) go k -> k + 1 and the velocity goes N-1 -> 0; the sink prefill (and its
+//         refresh before clip 1) runs through every stage the same way.
+//
+// Every rank makes the same calls in the same order (set_condition, then generate_block per block); the inputs
+// matter on rank 0 only, which returns the latents, the velocity of every step (stage) or of step 0 (step) and the
+// RoPE offsets. Results equal dit::Session on one device (same seeds, same offsets).
+//
+// Thread-safety: a RankSession is used by one thread; the Model may be shared (it is immutable).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+
+#include "dit/dit.h"
+#include "parallel/communicator.h"
+#include "parallel/config.h"
+
+namespace liveavatar::parallel {
+
+class RankSession {
+ public:
+  /// `model`: the full DiT (step) or this rank's shard, layers stage_layers(L, rank, world) (stage). Throws
+  /// ParallelError when the plan, the world size or the model's layers do not fit.
+  RankSession(const ParallelConfig& config, Communicator& comm, const dit::Model& model,
+              dit::SessionOptions options = {});
+  ~RankSession();
+  RankSession(const RankSession&) = delete;
+  RankSession& operator=(const RankSession&) = delete;
+
+  /// Rank 0: the inputs of dit::Session::set_condition; other ranks pass undefined tensors (they receive them).
+  void set_condition(const at::Tensor& ref_latent, const at::Tensor& motion_latents, const at::Tensor& text_context);
+  /// Rank 0: motion latents for the sink refresh before clip 1 (default: the previous ones).
+  void set_refresh_motion(const at::Tensor& motion_latents);
+  /// Rank 0: audio [audio_layers, audio_dim, 4 * frames_per_block]; other ranks: undefined.
+  dit::BlockResult generate_block(const at::Tensor& audio);
+  int64_t blocks_done() const;
+
+ private:
+  struct State;
+  void check_model() const;
+  int64_t rope_offset(int64_t call) const;
+  void step_set_condition(const at::Tensor& ref, const at::Tensor& motion, const at::Tensor& text);
+  dit::BlockResult step_block(const at::Tensor& audio);
+  void stage_set_condition(const at::Tensor& ref, const at::Tensor& motion, const at::Tensor& text);
+  void stage_prefill(const at::Tensor& ref, const at::Tensor& motion);
+  dit::BlockResult stage_block(const at::Tensor& audio);
+
+  ParallelConfig config_;
+  Communicator& comm_;
+  const dit::Model& model_;
+  dit::SessionOptions options_;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace liveavatar::parallel
