@@ -9,7 +9,6 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 #include <stdlib.h>
-#include <sys/stat.h>
 
 #include <ATen/ATen.h>
 
@@ -22,16 +21,10 @@
 #include "liveavatar/engine.h"
 #include "neural/test_seams.h"
 #include "weights/weights.h"
+#include "e2e_fixtures.h"
 
 namespace liveavatar::e2e::test {
 namespace {
-
-const std::string kFixtures = E2E_FIXTURES_ROOT;  // tests/fixtures
-std::string fixture(const std::string& rel) { return kFixtures + "/" + rel; }
-bool have(const std::string& rel) {
-  struct stat st {};
-  return ::stat(fixture(rel).c_str(), &st) == 0;
-}
 
 // Upstream's real-time pipeline drops the first 3 decoded frames of the stream; the backend keeps them (frame n
 // shows the audio of frame n), so upstream frame n is the backend's frame n + 3.
@@ -58,8 +51,7 @@ struct FixtureModelDir {
 };
 
 TEST(E2eBackend, FramesThroughTheEngineMatchUpstream) {
-  if (!have("e2e/e2e.safetensors") || !have("dit/weights.safetensors") || !have("vae/Wan2.1_VAE.pth") ||
-      !have("wav2vec2/audio_features.safetensors") || !have("t5/models_t5_umt5-xxl-enc-bf16.pth"))
+  if (!have_e2e_fixtures())
     GTEST_SKIP() << "no e2e / component fixtures under " << kFixtures;
   const auto golden = weights::load_safetensors(fixture("e2e/e2e.safetensors"));
   const auto& g = golden.tensors;

@@ -5,7 +5,6 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
-#include <sys/stat.h>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -23,17 +22,11 @@
 #include "text/text_encoder.h"
 #include "vae/vae.h"
 #include "weights/weights.h"
+#include "e2e_fixtures.h"
 #include "../golden.h"
 
 namespace liveavatar::e2e::test {
 namespace {
-
-const std::string kFixtures = E2E_FIXTURES_ROOT;  // tests/fixtures
-std::string fixture(const std::string& rel) { return kFixtures + "/" + rel; }
-bool have(const std::string& rel) {
-  struct stat st {};
-  return ::stat(fixture(rel).c_str(), &st) == 0;
-}
 
 // The pipeline settings of the run (FIXTURES.md): 48 video frames per clip, 4 blocks of 3 latent frames per clip,
 // noise seed 420 + clip, the first 3 decoded frames dropped, the VAE primed with 7 motion latents.
@@ -137,9 +130,7 @@ Composed compose(const weights::Checkpoint& golden) {
 class E2eGolden : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    if (!have("e2e/e2e.safetensors") || !have("dit/weights.safetensors") || !have("vae/Wan2.1_VAE.pth") ||
-        !have("wav2vec2/audio_features.safetensors") || !have("t5/t5_io.safetensors"))
-      return;
+    if (!have_e2e_fixtures()) return;
     golden_ = new weights::Checkpoint(weights::load_safetensors(fixture("e2e/e2e.safetensors")));
     run_ = new Composed(compose(*golden_));
   }
