@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
 #include <thread>
 
 #include "../tiny_checkpoint.h"
@@ -171,4 +172,43 @@ TEST(EngineNeural, MemoryPlannerRefusesBeforeAnyWeightFileIsRead) {
     EXPECT_EQ(std::string(err.what()).find("does not fit"), std::string::npos) << err.what();
   }
   (void)std::system(("rm -rf '" + dir + "'").c_str());
+}
+
+// A new picture in the middle of a stream takes effect at the next block, without restarting the stream: the frames
+// before it are those of a run without the change, the frames after it differ, the indices run on.
+TEST(EngineNeural, NewPictureMidStreamTakesEffectAtTheNextBlock) {
+  const auto speech = speech_samples(30 * 640);
+  const size_t first = 13 * 640;  // block 0 (12 frames) is complete with this much audio
+  auto push_all = [&](Engine& e, const std::function<void()>& between, size_t* made_before) {
+    std::vector<Frame> out;
+    Frame f;
+    e.push_audio(speech.data(), first);
+    while (e.pop_frame(&f)) out.push_back(f);
+    *made_before = out.size();
+    between();
+    e.push_audio(speech.data() + first, speech.size() - first);
+    e.finish();
+    while (e.pop_frame(&f)) out.push_back(f);
+    return out;
+  };
+  auto plain = neural("inline");
+  size_t before = 0;
+  const auto a = push_all(*plain, [] {}, &before);
+  auto switched = neural("inline");
+  std::vector<uint8_t> other(320 * 240 * 3);
+  for (size_t i = 0; i < other.size(); ++i) other[i] = static_cast<uint8_t>((i * 7) % 251);
+  const auto b = push_all(*switched, [&] {
+    switched->set_reference({other.data(), 320, 240, 320 * 3, liveavatar::PixelFormat::kRGB8});
+  }, &before);
+  ASSERT_EQ(before, 12u) << "block 0 is made (inline worker) before the new picture arrives";
+  ASSERT_EQ(a.size(), 30u);
+  ASSERT_EQ(b.size(), a.size());
+  int changed = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    EXPECT_EQ(b[i].index, static_cast<int64_t>(i));
+    if (i < before) EXPECT_EQ(b[i].rgb, a[i].rgb) << "frame " << i << " was made before the new picture";
+    else changed += b[i].rgb != a[i].rgb;
+  }
+  EXPECT_EQ(changed, 18) << "every frame after the switch shows the new picture";
+  EXPECT_EQ(switched->output_size().width, 64) << "the size stays";
 }
