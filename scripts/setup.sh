@@ -51,8 +51,8 @@ if [ "${SKIP_APT:-0}" != 1 ]; then
   fi
 fi
 
-# LibTorch comes from the pinned PyPI wheel (its torch/include + torch/lib). --no-deps: the engine links the CPU
-# libraries; the CUDA runtime wheels are only needed on GPU machines, where the toolkit provides them.
+# LibTorch comes from the pinned PyPI wheel (its torch/include + torch/lib). --no-deps: the CUDA libraries come from
+# the toolkit (below), not from the nvidia-* wheels torch would pull in.
 if [ ! -f "$VENV/.torch-$TORCH_VERSION" ]; then
   say "creating $VENV with torch==$TORCH_VERSION (about 530 MB download, a few minutes)"
   python3 -m venv "$VENV"
@@ -62,9 +62,37 @@ else
   say "LibTorch $TORCH_VERSION present in $VENV"
 fi
 
-if [ ! -f "$BUILD/build.ninja" ]; then
-  say "configuring $BUILD/"
-  meson setup "$BUILD" --buildtype=release -Dlibtorch_dir="$VENV" 
+# CUDA: with the toolkit (nvcc) present the build links LibTorch's CUDA libraries and NCCL and compiles the
+# project's kernels (meson -Dcuda=enabled), GPU or not. libtorch_cuda.so also needs cuSPARSELt, cuFile and NVSHMEM,
+# which the toolkit lacks: their wheels (the versions torch 2.11.0 names) go into the venv, where the torch wheel's
+# RPATH looks for them (about 235 MB). LIVEAVATAR_CUDA=disabled builds without CUDA.
+NVCC=$(command -v nvcc || true)
+if [ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ]; then NVCC=/usr/local/cuda/bin/nvcc; fi
+CUDA=${LIVEAVATAR_CUDA:-$([ -n "$NVCC" ] && echo enabled || echo disabled)}
+CUDA_WHEELS=(nvidia-cusparselt-cu13==0.8.0 nvidia-nvshmem-cu13==3.4.5 nvidia-cufile==1.15.1.6)
+if [ "$CUDA" = enabled ]; then
+  if [ ! -f "$VENV/.cuda-wheels-1" ]; then
+    say "CUDA toolkit found ($NVCC): installing ${CUDA_WHEELS[*]} into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --progress-bar off --no-deps "${CUDA_WHEELS[@]}"
+    touch "$VENV/.cuda-wheels-1"
+  else
+    say "CUDA libraries for LibTorch present in $VENV"
+  fi
+  export PATH="$(dirname "$NVCC"):$PATH"
 else
-  say "$BUILD/ already configured"
+  say "building without CUDA (no nvcc, or LIVEAVATAR_CUDA=$CUDA)"
+fi
+
+if [ ! -f "$BUILD/build.ninja" ]; then
+  say "configuring $BUILD/ (cuda=$CUDA)"
+  meson setup "$BUILD" --buildtype=release -Dlibtorch_dir="$VENV" -Dcuda="$CUDA"
+else
+  current=$(python3 -c 'import json,sys; print(next((o["value"] for o in json.load(open(sys.argv[1])) if o["name"] == "cuda"), ""))' \
+            "$BUILD/meson-info/intro-buildoptions.json" 2>/dev/null || true)
+  if [ "$current" != "$CUDA" ]; then
+    say "reconfiguring $BUILD/ with cuda=$CUDA (was ${current:-unset})"
+    meson setup --reconfigure "$BUILD" --buildtype=release -Dlibtorch_dir="$VENV" -Dcuda="$CUDA"
+  else
+    say "$BUILD/ already configured (cuda=$CUDA)"
+  fi
 fi
