@@ -158,9 +158,25 @@ Precision parse_precision(const std::string& name);
 /// The dtype of the non-FP8 weights and of the activations.
 c10::ScalarType precision_dtype(Precision precision);
 
+/// The attention kernel (LibTorch's scaled-dot-product backends, called by name). kAuto: LibTorch's own choice on
+/// CUDA (flash, efficient, math, cuDNN) and the CPU flash kernel on the CPU; the others pin one backend on CUDA (a
+/// backend that refuses the shapes throws). docs/benchmarks.md has the measured speed of each at the model's shapes.
+enum class AttentionKernel { kAuto, kFlash, kEfficient, kCudnn, kMath };
+/// "auto" | "flash" | "efficient" | "cudnn" | "math" (throws DitError otherwise).
+AttentionKernel parse_attention_kernel(const std::string& name);
+const char* attention_kernel_name(AttentionKernel kernel);
+
+/// How the FP8 Linear layers compute. kScaledMm: activations quantised per call (per tensor, or per row when the
+/// weight scales are per channel) and one at::_scaled_mm with the static weight scales, bf16 out (upstream's FP8
+/// path). kDequantize: the weight dequantised to bf16 and an ordinary matmul. kAuto: kScaledMm on GPUs with FP8
+/// tensor cores (sm_89+), kDequantize elsewhere.
+enum class Fp8Compute { kAuto, kScaledMm, kDequantize };
+
 struct LoadOptions {
   c10::Device device = c10::kCPU;
   Precision precision = Precision::kBf16;
+  AttentionKernel attention = AttentionKernel::kAuto;
+  Fp8Compute fp8_compute = Fp8Compute::kAuto;
   /// Layers [first_layer, last_layer) (-1: num_layers), with their audio injectors.
   int64_t first_layer = 0;
   int64_t last_layer = -1;
@@ -192,6 +208,9 @@ class Model {
   Model(const ModelConfig& config, const std::string& dit_path, const LoadOptions& options);
   /// The same from a checkpoint already opened (its tensors may view file mappings or live in memory).
   Model(const ModelConfig& config, const weights::Checkpoint& checkpoint, const LoadOptions& options);
+  /// The model or shard `options` describe with random weights drawn on its device from `seed` (benches: no
+  /// checkpoint, no host copy of the weights); FP8 weights are quantised from the draws. LoRA options are ignored.
+  Model(const ModelConfig& config, const LoadOptions& options, uint64_t seed);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
@@ -256,6 +275,9 @@ struct SessionOptions {
   std::vector<int64_t> rope_offsets;
   /// Rolling sink: after clip 0, replace the reference by the first generated latent frame and re-prefill.
   bool roll_sink = true;
+  /// Replay each shard's per-step forward as a CUDA graph keyed by (step, ring slot) when the shard is on a GPU
+  /// (captured on the second call of a key; eager if capture fails, see Session::graph_status()).
+  bool cuda_graphs = false;
   /// Asked between denoising steps and between shards; returning true stops generate_block / set_condition with
   /// liveavatar::Cancelled (the block is lost, the session stays usable from its last complete block).
   std::function<bool()> cancelled;
@@ -288,6 +310,8 @@ class Session {
   /// seeded noise of this block.
   BlockResult generate_block(const at::Tensor& audio, const std::optional<at::Tensor>& noise = std::nullopt);
   int64_t blocks_done() const;
+  /// CUDA graphs in use: "off", "eager: <why>" or "<n> graphs, <m> replays".
+  std::string graph_status() const;
 
  private:
   struct State;

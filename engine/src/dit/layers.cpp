@@ -2,6 +2,7 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include <torch/nn/modules/activation.h>
 
+#include "cuda/cuda.h"
 #include "modules.h"
 
 namespace liveavatar::dit {
@@ -9,6 +10,8 @@ namespace liveavatar::dit {
 // --- Primitives ---------------------------------------------------------------------------------------------
 LinearImpl::LinearImpl(int64_t in, int64_t out, const ParamOptions& params, bool with_bias)
     : in_features(in), out_features(out) {
+  // at::_scaled_mm wants both matrix dimensions in multiples of 16; other shapes (tiny test models) dequantise.
+  scaled_mm = params.fp8 && params.fp8_scaled_mm && in % 16 == 0 && out % 16 == 0;
   if (params.fp8) {
     weight_fp8 = register_parameter("weight_fp8", at::empty({out, in}, params.tensor.dtype(at::kFloat8_e4m3fn)),
                                     /*requires_grad=*/false);
@@ -29,9 +32,35 @@ at::Tensor LinearImpl::dense_weight(at::ScalarType dtype) const {
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
+  if (scaled_mm) return fp8_scaled_linear(x);
   const auto dtype = x.scalar_type();
   const auto b = bias.defined() && bias.scalar_type() != dtype ? bias.to(dtype) : bias;
   return at::linear(x, dense_weight(dtype), b);
+}
+
+at::Tensor LinearImpl::fp8_scaled_linear(const at::Tensor& x) const {
+  // Activations quantised per call (per tensor; per row when the weight scales are per output channel, the
+  // row-wise pairing _scaled_mm supports), weights static; one FP8 matmul with bf16 out. On a GPU the
+  // quantisation is the project's kernel (scale stays on the device); elsewhere the same with ATen operations.
+  const bool per_row = weight_scale.dim() == 1;
+  const auto x2 = x.reshape({-1, in_features});
+  auto [xq, xs] = x2.is_cuda() ? cuda::quantize_fp8_e4m3(x2, per_row) : cuda::quantize_fp8_reference(x2, per_row);
+  const auto ws = per_row ? weight_scale.view({1, out_features}) : weight_scale;
+  const std::optional<at::Tensor> b =
+      bias.defined() ? std::optional<at::Tensor>(bias.to(at::kBFloat16)) : std::nullopt;
+  at::Tensor y;
+  if (per_row && !x2.is_cuda()) {
+    // LibTorch's CPU _scaled_mm takes per-tensor scales only: the same product of the e4m3 values in fp32, scaled.
+    y = at::mm(xq.to(at::kFloat), weight_fp8.to(at::kFloat).t()) * xs * ws;
+    if (b) y = y + b->to(at::kFloat);
+    y = y.to(at::kBFloat16);
+  } else {
+    y = at::_scaled_mm(xq, weight_fp8.t(), xs, ws, b, /*scale_result=*/std::nullopt, at::kBFloat16);
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = out_features;
+  y = y.view(shape);
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 at::Tensor linear_f32(const at::Tensor& x, const LinearImpl& linear) {
@@ -111,36 +140,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> AttentionImpl::qkv(const at::Tens
   return {qh, kh, vh};
 }
 
-at::Tensor sdpa_blhd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+AttentionKernel parse_attention_kernel(const std::string& name) {
+  if (name == "auto") return AttentionKernel::kAuto;
+  if (name == "flash") return AttentionKernel::kFlash;
+  if (name == "efficient") return AttentionKernel::kEfficient;
+  if (name == "cudnn") return AttentionKernel::kCudnn;
+  if (name == "math") return AttentionKernel::kMath;
+  throw DitError("attention kernel must be auto, flash, efficient, cudnn or math, got '" + name + "'");
+}
+
+const char* attention_kernel_name(AttentionKernel kernel) {
+  switch (kernel) {
+    case AttentionKernel::kAuto: return "auto";
+    case AttentionKernel::kFlash: return "flash";
+    case AttentionKernel::kEfficient: return "efficient";
+    case AttentionKernel::kCudnn: return "cudnn";
+    case AttentionKernel::kMath: return "math";
+  }
+  return "?";
+}
+
+namespace {
+// q, k, v [B, H, L, D] -> [B, H, Lq, D] through the named kernel (CUDA); the CPU has the flash kernel and math.
+at::Tensor sdpa_bhld(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, AttentionKernel kernel) {
+  switch (kernel) {
+    case AttentionKernel::kAuto:
+      return at::scaled_dot_product_attention(q, k, v);
+    case AttentionKernel::kMath:
+      return std::get<0>(at::_scaled_dot_product_attention_math(q, k, v));
+    case AttentionKernel::kFlash:
+      if (q.device().is_cpu()) return std::get<0>(at::_scaled_dot_product_flash_attention_for_cpu(q, k, v));
+      return std::get<0>(at::_scaled_dot_product_flash_attention(q, k, v));
+    case AttentionKernel::kEfficient:
+      return std::get<0>(at::_scaled_dot_product_efficient_attention(q, k, v, std::nullopt, false));
+    case AttentionKernel::kCudnn:
+      return std::get<0>(at::_scaled_dot_product_cudnn_attention(q, k, v, std::nullopt, false));
+  }
+  throw DitError("unknown attention kernel");
+}
+}  // namespace
+
+at::Tensor sdpa_blhd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, AttentionKernel kernel) {
   // [B, L, H, D] -> [B, H, L, D] for SDPA and back.
-  return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-      .transpose(1, 2);
+  return sdpa_bhld(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kernel).transpose(1, 2);
 }
 
 namespace {
 // Attention of q [B, H, Lq, D] over k, v [B, H, Lk, D]: output [B, H, Lq, D] and log-sum-exp [B, H, Lq] fp32
 // (natural log of the softmax denominator of the scaled scores). Undefined when the device has no such kernel.
-std::pair<at::Tensor, at::Tensor> sdpa_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+std::pair<at::Tensor, at::Tensor> sdpa_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                AttentionKernel kernel) {
+  if (kernel == AttentionKernel::kMath) return {};  // no log-sum-exp: the caller concatenates
   if (q.device().is_cpu()) {
     auto r = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);
     return {std::get<0>(r), std::get<1>(r)};
   }
   if (q.device().is_cuda()) {
+    // The log-sum-exp comes as [B, H, Lq] (flash), [B, H, Lq padded to 32] (efficient) or [B, H, Lq, 1] (cuDNN).
+    const int64_t lq = q.size(2);
+    if (kernel == AttentionKernel::kFlash) {
+      auto r = at::_scaled_dot_product_flash_attention(q, k, v);
+      return {std::get<0>(r), std::get<1>(r).flatten(2).slice(2, 0, lq)};
+    }
+    if (kernel == AttentionKernel::kCudnn) {
+      auto r = at::_scaled_dot_product_cudnn_attention(q, k, v, std::nullopt, /*compute_log_sumexp=*/true);
+      return {std::get<0>(r), std::get<1>(r).flatten(2).slice(2, 0, lq)};
+    }
     auto r = at::_scaled_dot_product_efficient_attention(q, k, v, /*attn_bias=*/std::nullopt,
                                                          /*compute_log_sumexp=*/true);
-    // The kernel pads the log-sum-exp rows to a multiple of 32.
-    return {std::get<0>(r), std::get<1>(r).slice(-1, 0, q.size(2))};
+    return {std::get<0>(r), std::get<1>(r).flatten(2).slice(2, 0, lq)};
   }
   return {};
 }
 }  // namespace
 
 at::Tensor sdpa_two_blhd(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& v1, const at::Tensor& k2,
-                         const at::Tensor& v2) {
+                         const at::Tensor& v2, AttentionKernel kernel) {
   const auto qt = q.transpose(1, 2);  // [B, H, Lq, D]
-  auto [o1, l1] = sdpa_with_lse(qt, k1.transpose(1, 2), v1.transpose(1, 2));
-  if (!o1.defined()) return sdpa_blhd(q, at::cat({k1, k2}, 1), at::cat({v1, v2}, 1));
-  auto [o2, l2] = sdpa_with_lse(qt, k2.transpose(1, 2), v2.transpose(1, 2));
+  auto [o1, l1] = sdpa_with_lse(qt, k1.transpose(1, 2), v1.transpose(1, 2), kernel);
+  if (!o1.defined()) return sdpa_blhd(q, at::cat({k1, k2}, 1), at::cat({v1, v2}, 1), kernel);
+  auto [o2, l2] = sdpa_with_lse(qt, k2.transpose(1, 2), v2.transpose(1, 2), kernel);
   // softmax over both sets = each set's softmax weighted by its share exp(lse_i - lse) of the total.
   const auto l = at::logaddexp(l1, l2);                     // [B, H, Lq]
   const auto w1 = at::exp(l1 - l).unsqueeze(-1), w2 = at::exp(l2 - l).unsqueeze(-1);
@@ -149,7 +228,7 @@ at::Tensor sdpa_two_blhd(const at::Tensor& q, const at::Tensor& k1, const at::Te
 }
 
 at::Tensor AttentionImpl::attend(const at::Tensor& qh, const at::Tensor& kh, const at::Tensor& vh) {
-  const auto x = sdpa_blhd(qh, kh, vh);  // [B, Lq, H, D]
+  const auto x = sdpa_blhd(qh, kh, vh, options.params.attention);  // [B, Lq, H, D]
   return o(x.flatten(2));                // [B, Lq, dim]
 }
 

@@ -12,7 +12,7 @@ namespace liveavatar::dit {
 at::Tensor sinusoidal_embedding(int64_t dim, const at::Tensor& position) {
   const int64_t half = dim / 2;
   const auto pos = position.to(at::kDouble);
-  const auto inv = at::pow(10000, -(at::arange(half, at::kDouble).div(half)));
+  const auto inv = at::pow(10000, -(at::arange(half, pos.options()).div(half)));
   const auto sinusoid = at::outer(pos, inv);                   // [N, half]
   return at::cat({at::cos(sinusoid), at::sin(sinusoid)}, 1);  // [N, dim]
 }
@@ -103,8 +103,9 @@ std::pair<at::Tensor, at::Tensor> CausalWanModelS2VImpl::embed_time(const at::Te
   // Rows: the F timesteps of the block, then F zeros (zero_timestep: the t = 0 modulation of ref / motion tokens).
   require_embeddings("embed_time");
   const int64_t f = t.numel();
-  const auto tt = at::cat({t.reshape({1, f}).to(at::kCPU), at::zeros({1, f}, t.options().device(at::kCPU))});
-  const auto sin = sinusoidal_embedding(config.freq_dim, tt.flatten()).to(at::kFloat).to(options().device());
+  // On the model's device (no host computation copied in per call).
+  const auto tt = at::cat({t.reshape({1, f}).to(options().device()), at::zeros({1, f}, t.options().device(options().device()))});
+  const auto sin = sinusoidal_embedding(config.freq_dim, tt.flatten()).to(at::kFloat);
   auto lin = [](torch::nn::Sequential& seq, size_t i) -> const LinearImpl& { return *seq[i]->as<LinearImpl>(); };
   auto e = linear_f32(at::silu(linear_f32(sin, lin(time_embedding, 0))), lin(time_embedding, 2));  // [2F, dim]
   auto e0 = linear_f32(at::silu(e), lin(time_projection, 1));                                      // [2F, 6 dim]
@@ -174,9 +175,8 @@ SinkInputs CausalWanModelS2VImpl::prepare_sink(const at::Tensor& ref, const at::
   if (positions.size(0) != in.hidden.size(1))
     throw DitError("sink: " + std::to_string(in.hidden.size(1)) + " tokens but RoPE covers " +
                    std::to_string(positions.size(0)) + " (latent H, W must be multiples of 8)");
-  const auto table = rope_real(rope_table(positions, config.head_dim()));
-  in.rope = {table.cos.to(options().device()), table.sin.to(options().device())};
-  in.e0 = embed_time(at::zeros({config.frames_per_block}, at::kFloat)).second;
+  in.rope = rope_real(rope_table(positions.to(options().device()), config.head_dim()));
+  in.e0 = embed_time(at::zeros({config.frames_per_block}, options().dtype(at::kFloat))).second;
   return in;
 }
 
@@ -214,7 +214,7 @@ void CausalWanModelS2VImpl::prefill_layers(int64_t first, int64_t last, SinkInpu
     auto& slot = cache.layers[static_cast<size_t>(i)];
     const auto mod = block->modulation_for(e0, /*conditioning=*/true);
     x = block->forward(x, mod, text_of(text, i), [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-      return sink_attention(q, k, v, table, slot);
+      return sink_attention(q, k, v, table, slot, build_.params.attention);
     });
   }
   in.hidden = x;
@@ -234,13 +234,13 @@ at::Tensor sink_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 }
 
 at::Tensor sink_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RopeTable& table,
-                          LayerKV& slot) {
+                          LayerKV& slot, AttentionKernel kernel) {
   const auto dtype = v.scalar_type();
   slot.k = k.contiguous();  // stored un-roped; re-roped at every call
   slot.v = v.contiguous();
   const auto rq = rope_apply(q, table).to(dtype);
   const auto rk = rope_apply(k, table).to(dtype);
-  return sdpa_blhd(rq, rk, slot.v);
+  return sdpa_blhd(rq, rk, slot.v, kernel);
 }
 
 RingWindow ring_window(int64_t current_start, int64_t seq, int64_t capacity) {
@@ -260,7 +260,8 @@ at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 }
 
 at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RopeTable& table,
-                          const RopeTable& cond_table, LayerKV& ring, const LayerKV& sink, const RingWindow& window) {
+                          const RopeTable& cond_table, LayerKV& ring, const LayerKV& sink, const RingWindow& window,
+                          AttentionKernel kernel) {
   const auto dtype = v.scalar_type();
   const int64_t seq = k.size(1);
   const auto rq = rope_apply(q, table).to(dtype);
@@ -269,7 +270,7 @@ at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   ring.v.slice(1, window.start, window.start + seq).copy_(v);
   // The ring window and the re-roped sink as two key sets of one softmax: no per-layer copy of the ring.
   return sdpa_two_blhd(rq, ring.k.slice(1, 0, window.active), ring.v.slice(1, 0, window.active),
-                       rope_apply(sink.k, cond_table).to(dtype), sink.v);
+                       rope_apply(sink.k, cond_table).to(dtype), sink.v, kernel);
 }
 
 int64_t CausalWanModelS2VImpl::cond_rollout(int64_t current_frame, int64_t rope_offset) const {
@@ -321,13 +322,12 @@ BlockInputs CausalWanModelS2VImpl::prepare_block(const at::Tensor& x_in, double 
   // RoPE: noisy tokens at their absolute frames; the sink re-roped with the reference shifted by the offset.
   const int64_t current_frame = current_start / frame_tokens;
   const std::vector<RopeSegment> noisy{{0, 0, 0, in.frames, in.hp, in.wp, in.frames, in.hp, in.wp, true}};
-  const auto table = rope_real(rope_table(rope_positions(noisy, current_frame), config.head_dim()));
-  const auto cond_table = rope_real(
-      rope_table(rope_positions(segments, cond_rollout(current_frame, rope_offset)), config.head_dim()));
-  in.rope = {table.cos.to(opts.device()), table.sin.to(opts.device())};
-  in.cond_rope = {cond_table.cos.to(opts.device()), cond_table.sin.to(opts.device())};
+  // The positions are host integers (one small copy); the tables are computed on the device.
+  in.rope = rope_real(rope_table(rope_positions(noisy, current_frame).to(opts.device()), config.head_dim()));
+  in.cond_rope = rope_real(rope_table(
+      rope_positions(segments, cond_rollout(current_frame, rope_offset)).to(opts.device()), config.head_dim()));
 
-  std::tie(in.e, in.e0) = embed_time(at::full({in.frames}, t, at::kFloat));
+  std::tie(in.e, in.e0) = embed_time(at::full({in.frames}, t, opts.dtype(at::kFloat)));
 
   // Ring slot of this block.
   if (ring_capacity % seq != 0)
@@ -364,7 +364,7 @@ void CausalWanModelS2VImpl::run_layers(int64_t first, int64_t last, BlockInputs&
       throw DitError("layer " + std::to_string(i) + " has no " + (slot.k.defined() ? "sink (prefill it)" : "KV ring"));
     const auto mod = block->modulation_for(in.e0, /*conditioning=*/false);
     x = block->forward(x, mod, text_of(text, i), [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-      return ring_attention(q, k, v, in.rope, in.cond_rope, slot, sink, in.window);
+      return ring_attention(q, k, v, in.rope, in.cond_rope, slot, sink, in.window, build_.params.attention);
     });
     const int64_t inj = injector_index_[static_cast<size_t>(i)];
     if (inj >= 0) x = x + audio_injector->forward(inj, x, in.audio_local, in.audio_global);

@@ -13,7 +13,7 @@ namespace liveavatar::dit {
 at::Tensor sink_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
                           LayerKV& slot);
 at::Tensor sink_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RopeTable& table,
-                          LayerKV& slot);
+                          LayerKV& slot, AttentionKernel kernel = AttentionKernel::kAuto);
 
 /// The ring window of a block of `seq` tokens at absolute token `current_start` in a ring of `capacity` tokens.
 RingWindow ring_window(int64_t current_start, int64_t seq, int64_t capacity);
@@ -23,7 +23,8 @@ RingWindow ring_window(int64_t current_start, int64_t seq, int64_t capacity);
 at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
                           const at::Tensor& cond_table, LayerKV& ring, const LayerKV& sink, const RingWindow& window);
 at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RopeTable& table,
-                          const RopeTable& cond_table, LayerKV& ring, const LayerKV& sink, const RingWindow& window);
+                          const RopeTable& cond_table, LayerKV& ring, const LayerKV& sink, const RingWindow& window,
+                          AttentionKernel kernel = AttentionKernel::kAuto);
 
 /// RoPE groups of the conditioning tokens for reference patches hp x wp and motion latents lh x lw: the empty
 /// noisy group and the reference (both roll), then the FramePack 1x, 2x, 4x groups at negative frames.

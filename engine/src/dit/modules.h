@@ -27,6 +27,10 @@ struct ParamOptions {
   at::TensorOptions tensor = at::TensorOptions().dtype(at::kFloat);
   bool fp8 = false;
   bool fp8_per_channel = false;
+  /// FP8 Linear layers run at::_scaled_mm (else dequantised weights and a bf16 matmul).
+  bool fp8_scaled_mm = false;
+  /// The attention kernel of every attention module built with these options.
+  AttentionKernel attention = AttentionKernel::kAuto;
   /// The same device, another dtype, no FP8 (modules upstream runs in fp32 or keeps out of FP8).
   ParamOptions with_dtype(at::ScalarType dtype) const {
     ParamOptions p = *this;
@@ -53,6 +57,9 @@ class LinearImpl : public torch::nn::Module {
   /// The weight as a dense [out, in] tensor of `dtype` (dequantised: fp8.float() * scale, then cast).
   at::Tensor dense_weight(at::ScalarType dtype) const;
   bool is_fp8() const { return weight_fp8.defined(); }
+  /// FP8 through at::_scaled_mm (ParamOptions::fp8_scaled_mm and both dimensions multiples of 16).
+  bool scaled_mm = false;
+  at::Tensor fp8_scaled_linear(const at::Tensor& x) const;
   int64_t in_features, out_features;
   at::Tensor weight;        // [out, in] (not FP8)
   at::Tensor weight_fp8;    // [out, in] float8_e4m3fn (FP8)
@@ -160,12 +167,13 @@ class AttentionImpl : public torch::nn::Module {
 TORCH_MODULE(Attention);
 
 /// Scaled dot-product attention on [B, L, H, D] tensors (default scale, no mask) -> [B, Lq, H, D].
-at::Tensor sdpa_blhd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+at::Tensor sdpa_blhd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     AttentionKernel kernel = AttentionKernel::kAuto);
 /// The same over the union of two key / value sets (the ring window and the sink) as one softmax, without
 /// concatenating them: each set's output and log-sum-exp, merged in fp32 (CPU: the flash kernel SDPA uses; CUDA:
 /// the memory-efficient kernel). Other devices concatenate. [B, L, H, D] in, [B, Lq, H, D] in q's dtype out.
 at::Tensor sdpa_two_blhd(const at::Tensor& q, const at::Tensor& k1, const at::Tensor& v1, const at::Tensor& k2,
-                         const at::Tensor& v2);
+                         const at::Tensor& v2, AttentionKernel kernel = AttentionKernel::kAuto);
 
 // --- Transformer block (CausalWanS2VAttentionBlock) -------------------------------------------------------------
 struct BlockOptions {

@@ -78,11 +78,12 @@ at::Tensor rope_table(const at::Tensor& positions, int64_t head_dim) {
   const int64_t c = head_dim / 2;
   const int64_t parts[3] = {c - 2 * (c / 3), c / 3, c / 3};
   std::vector<at::Tensor> cols;
-  const auto pos = positions.to(at::kCPU);
+  const auto& pos = positions;  // computed where the positions are (the model's device: no host table to copy)
   for (int axis = 0; axis < 3; ++axis) {
     const int64_t dim = 2 * parts[axis];
     // rope_params: 1 / 10000^(arange(0, dim, 2) / dim), angles p * inv_freq, all fp64.
-    const auto inv = at::reciprocal(at::pow(10000, at::arange(0, dim, 2, at::kDouble).div(dim)));
+    const auto inv = at::reciprocal(
+        at::pow(10000, at::arange(0, dim, 2, at::TensorOptions().dtype(at::kDouble).device(pos.device())).div(dim)));
     const auto p = pos.select(1, axis);
     const auto mag = p.abs().to(at::kDouble);
     const auto angles = at::outer(mag, inv);                  // [L, part]
@@ -95,7 +96,7 @@ at::Tensor rope_table(const at::Tensor& positions, int64_t head_dim) {
     table = at::where(negative, table.conj().resolve_conj(), table);
     cols.push_back(table);
   }
-  return at::cat(cols, 1).unsqueeze(1).to(positions.device());  // [L, 1, c]
+  return at::cat(cols, 1).unsqueeze(1);  // [L, 1, c]
 }
 
 RopeTable rope_real(const at::Tensor& table) {

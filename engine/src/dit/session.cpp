@@ -3,8 +3,11 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <sys/stat.h>
 
+#include <functional>
+#include <mutex>
 #include <optional>
 
+#include "cuda/cuda.h"
 #include "weights/weights.h"
 #include "model.h"
 
@@ -118,6 +121,34 @@ Model::Model(const ModelConfig& config, const weights::Checkpoint& checkpoint, c
   build(&checkpoint, options, /*own_checkpoint=*/false);
 }
 
+Model::Model(const ModelConfig& config, const LoadOptions& options, uint64_t seed)
+    : config_(config), device_(options.device), dtype_(precision_dtype(options.precision)) {
+  build(nullptr, options, /*own_checkpoint=*/false);
+  // Drawn where the parameters live, one tensor at a time, with the device's own generator; an FP8 Linear's
+  // weight is drawn in the model dtype and quantised as a checkpoint's would be.
+  at::NoGradGuard no_grad;
+  auto gen = at::globalContext().defaultGenerator(device_);
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_current_seed(seed);
+  }
+  const auto scaling = options.fp8_scaling;
+  std::function<void(torch::nn::Module&)> fill = [&](torch::nn::Module& m) {
+    if (auto* lin = dynamic_cast<LinearImpl*>(&m); lin && lin->is_fp8()) {
+      auto w = at::empty({lin->out_features, lin->in_features}, at::TensorOptions().dtype(dtype_).device(device_));
+      w.normal_(0.0, 0.02, gen);
+      auto [q, scale] = weights::quantize_fp8(w, scaling);
+      lin->weight_fp8.copy_(q);
+      lin->weight_scale.copy_(scale.reshape(lin->weight_scale.sizes()));
+      if (lin->bias.defined()) lin->bias.normal_(0.0, 0.1, gen);
+      return;
+    }
+    for (auto& p : m.named_parameters(/*recurse=*/false)) p.value().normal_(0.0, p.value().dim() <= 1 ? 0.1 : 0.02, gen);
+    for (auto& child : m.children()) fill(*child);
+  };
+  fill(**module_);
+}
+
 void Model::build(const weights::Checkpoint* checkpoint, const LoadOptions& options, bool own_checkpoint) {
   config_.validate();
   precision_ = options.precision;
@@ -132,12 +163,17 @@ void Model::build(const weights::Checkpoint* checkpoint, const LoadOptions& opti
   build.params.tensor = at::TensorOptions().dtype(dtype_).device(device_);
   build.params.fp8 = precision_ == Precision::kFp8;
   build.params.fp8_per_channel = options.fp8_scaling == weights::Fp8Scaling::kPerChannel;
+  build.params.fp8_scaled_mm =
+      build.params.fp8 && (options.fp8_compute == Fp8Compute::kScaledMm ||
+                           (options.fp8_compute == Fp8Compute::kAuto && cuda::supports_fp8(device_)));
+  build.params.attention = options.attention;
   build.first_layer = first_layer_;
   build.last_layer = last_layer_;
   build.embeddings = embeddings_;
   build.head = head_;
   module_ = std::make_shared<CausalWanModelS2V>(config_, build);
   (*module_)->eval();
+  if (!checkpoint) return;  // random weights (the constructor above fills them)
   StreamLoadOptions lo;
   std::optional<weights::Checkpoint> lora;
   if (!options.lora.empty()) {
@@ -251,6 +287,7 @@ struct Session::State {
   int64_t block = 0;  // blocks generated (absolute)
   int64_t calls = 0;  // DiT calls made (for the RoPE offsets)
   bool caches_valid = false;  // set_condition completed
+  std::vector<std::unique_ptr<cuda::Graphs>> graphs;  // one per shard (SessionOptions::cuda_graphs)
 };
 
 Session::Session(const Model& model, SessionOptions options) : Session(std::vector<const Model*>{&model}, std::move(options)) {}
@@ -276,9 +313,24 @@ Session::Session(std::vector<const Model*> shards, SessionOptions options)
   if (!shards_.front()->has_embeddings()) throw DitError("session: the first shard must hold the embeddings");
   if (!shards_.back()->has_head()) throw DitError("session: the last shard must hold the head");
   state_->schedule = make_schedule(cfg);
+  if (options_.cuda_graphs)
+    for (const Model* m : shards_) state_->graphs.push_back(std::make_unique<cuda::Graphs>(m->device()));
 }
 
 Session::~Session() = default;
+
+std::string Session::graph_status() const {
+  const auto& g = state_->graphs;
+  if (g.empty()) return "off";
+  size_t n = 0;
+  int64_t replays = 0;
+  for (const auto& x : g) {
+    if (!x->fallback_reason().empty()) return "eager: " + x->fallback_reason();
+    n += x->graphs();
+    replays += x->replays();
+  }
+  return std::to_string(n) + " graphs, " + std::to_string(replays) + " replays";
+}
 
 int64_t Session::blocks_done() const { return state_->block; }
 
@@ -315,6 +367,7 @@ void Session::set_condition(const at::Tensor& ref_latent, const at::Tensor& moti
 
 void Session::prefill_sink(const at::Tensor& ref, const at::Tensor& motion) {
   auto& st = *state_;
+  for (auto& g : st.graphs) g->clear();  // the graphs read the sink's (and the text's) storage
   auto in = shards_.front()->prepare_sink(ref, motion);
   for (size_t k = 0; k < shards_.size(); ++k) {
     if (k > 0) check_cancelled();
@@ -380,7 +433,19 @@ BlockResult Session::generate_block(const at::Tensor& audio, const std::optional
       auto in = first.prepare(latents, t, a, st.segments, current_start, offset, st.capacity);
       for (size_t k = 0; k < shards_.size(); ++k) {
         if (k > 0) check_cancelled();
-        shards_[k]->run_layers(in, st.shards[k], i);
+        if (st.graphs.empty()) {
+          shards_[k]->run_layers(in, st.shards[k], i);
+          continue;
+        }
+        // One graph per (step, ring slot): the ring rows written and read are part of what is captured.
+        const auto dev = shards_[k]->device();
+        std::vector<at::Tensor*> inputs{&in.hidden,       &in.e0,       &in.audio_global, &in.audio_local,
+                                        &in.rope.cos,     &in.rope.sin, &in.cond_rope.cos, &in.cond_rope.sin};
+        for (auto* t : inputs)
+          if (t->defined() && t->device() != dev) *t = t->to(dev);
+        const uint64_t key = (static_cast<uint64_t>(i) << 56) ^ (static_cast<uint64_t>(in.window.start) << 28) ^
+                             static_cast<uint64_t>(in.window.active);
+        st.graphs[k]->run(key, inputs, &in.hidden, [&] { shards_[k]->run_layers(in, st.shards[k], i); });
       }
       const auto velocity = last.head(in).to(first.device());
       result.velocities.push_back(velocity);

@@ -20,6 +20,7 @@
 
 #include "../backend.h"
 #include "audio/audio_encoder.h"
+#include "cuda/cuda.h"
 #include "dit/dit.h"
 #include "runtime/planner.h"
 #include "test_seams.h"
@@ -114,6 +115,24 @@ text::T5Config infer_t5_config(const weights::Checkpoint& ckpt, const std::strin
   return c;
 }
 
+// "cpu", "cuda" (= cuda:0) or "cuda:N", checked against the GPUs this process sees.
+c10::Device parse_device(const std::string& name) {
+  if (name == "cpu") return c10::Device(c10::kCPU);
+  int index = -1;
+  if (name == "cuda") index = 0;
+  else if (name.rfind("cuda:", 0) == 0 && name.size() > 5 && name.size() < 9 &&
+           name.find_first_not_of("0123456789", 5) == std::string::npos)
+    index = std::stoi(name.substr(5));
+  if (index < 0) throw Error("device must be cpu, cuda or cuda:N, got '" + name + "'");
+  if (index >= cuda::device_count())
+    throw Error("device " + name + " is not available: " +
+                (cuda::device_count() == 0 ? cuda::unavailable_reason()
+                                           : std::to_string(cuda::device_count()) + " GPUs are visible (cuda:0.." +
+                                                 std::to_string(cuda::device_count() - 1) + ")") +
+                "; use device=cpu or another GPU");
+  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+}
+
 // Immutable weights of one model folder, shared by every stream that uses the same files and precision.
 struct Models {
   ModelFiles files;
@@ -125,8 +144,7 @@ struct Models {
 
   Models(const EngineConfig& c) : files(ModelFiles::locate(c)) {
     c10::NoGradGuard no_grad;
-    const c10::Device device = c.device == "cuda" ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
-    if (c.device != "cpu" && c.device != "cuda") throw Error("device must be cpu or cuda, got " + c.device);
+    const c10::Device device = parse_device(c.device);
     if (c.precision != "fp32" && c.precision != "bf16" && c.precision != "fp8")
       throw Error("precision must be fp32, bf16 or fp8, got " + c.precision);
 
@@ -211,12 +229,19 @@ void check_memory(const EngineConfig& c, const ModelFiles& files) {
   request.companions.audio_encoder_parameters = w2v / 4;
   request.companions.text_encoder_parameters = file_bytes(files.t5) / 2;
   uint64_t budget = c.memory_budget;
+  const c10::Device device = parse_device(c.device);
   if (budget == 0) {
-    if (c.device != "cpu") return;  // the free memory of a CUDA device is read by the CUDA build (not this one)
-    budget = host_available_bytes();
+    // What the device has: its free memory less the CUDA context and library handles (the planner's reserve), or
+    // the host's available memory.
+    if (device.is_cuda()) {
+      const uint64_t total = cuda::device_info(device.index()).total_bytes;
+      budget = total > runtime::kDefaultContextReserve ? total - runtime::kDefaultContextReserve : 0;
+    } else {
+      budget = host_available_bytes();
+    }
     if (budget == 0) return;        // no /proc/meminfo: nothing to check against
   }
-  request.devices = {runtime::Device{c.device == "cpu" ? "cpu" : "cuda:0", budget}};
+  request.devices = {runtime::Device{device.str(), budget}};
   runtime::Decision decision;
   try {
     decision = runtime::decide_for_checkpoint(files.base, request);
