@@ -15,6 +15,7 @@
 
 #ifdef LIVEAVATAR_WITH_DIT
 int liveavatar_dit_bench_main(int argc, char** argv);
+int liveavatar_model_bench_main(int argc, char** argv);
 #endif
 
 namespace {
@@ -27,7 +28,9 @@ const char kUsage[] =
     "  --threads N      OpenCV worker threads (default 1: one core)\n"
     "  --repeat N       timed runs, the best and median are reported (default 3)\n"
     "liveavatar-bench --dit tiny|14b [...]: the streaming DiT instead (per-block latency, peak memory);\n"
-    "  the same options as liveavatar-dit-bench (--device, --dtype, --blocks, --latent, --checkpoint, ...).\n";
+    "  the same options as liveavatar-dit-bench (--device, --dtype, --blocks, --latent, --checkpoint, ...).\n"
+    "liveavatar-bench --config tiny|medium|14b --random-weights [...]: the DiT on the devices of a plan (GPUs:\n"
+    "  FPS, first block, peak memory vs the planner, TFLOP/s, a PNG); --config --help lists its options.\n";
 
 // Without --audio: a voiced signal (150 Hz pulse train through two formants) gated 1.2 s on / 0.5 s off.
 std::vector<float> synthetic_speech(size_t n, int rate) {
@@ -46,6 +49,14 @@ std::vector<float> synthetic_speech(size_t n, int rate) {
 }
 
 int run(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--config") {
+#ifdef LIVEAVATAR_WITH_DIT
+      return liveavatar_model_bench_main(argc, argv);
+#else
+      throw liveavatar::Error("--config needs the engine built with LibTorch: run scripts/setup.sh and rebuild");
+#endif
+    }
   for (int i = 1; i < argc; ++i)
     if (std::string(argv[i]) == "--dit") {
 #ifdef LIVEAVATAR_WITH_DIT
