@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <map>
+#include <optional>
 
 #include "cuda/cuda.h"
 #include "cuda/kernels.h"
@@ -114,6 +115,49 @@ std::pair<at::Tensor, at::Tensor> quantize_fp8_e4m3(const at::Tensor& x_in, bool
       return s;
     }());
   return {q, scale};
+}
+
+// --- Side stream, host copies -----------------------------------------------------------------------------------
+struct SideStream::Impl {
+  c10::Device device;
+  std::optional<c10::cuda::CUDAStream> stream;
+  at::cuda::CUDAEvent done;
+  explicit Impl(c10::Device d) : device(d) {}
+};
+
+SideStream::SideStream(c10::Device device) : impl_(std::make_unique<Impl>(device)) {
+  if (device.is_cuda()) impl_->stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index());
+}
+SideStream::~SideStream() {
+  try {
+    synchronize();
+  } catch (...) {
+  }
+}
+
+void SideStream::run(const std::function<void()>& fn) {
+  auto& im = *impl_;
+  if (!im.stream) return fn();
+  c10::cuda::CUDAGuard device_guard(im.device);
+  at::cuda::CUDAEvent queued;
+  queued.record(at::cuda::getCurrentCUDAStream(im.device.index()));
+  queued.block(*im.stream);
+  {
+    c10::cuda::CUDAStreamGuard on_side(*im.stream);
+    fn();
+  }
+  im.done.record(*im.stream);
+}
+
+void SideStream::synchronize() {
+  if (impl_->stream && impl_->done.isCreated()) impl_->done.synchronize();
+}
+
+at::Tensor copy_to_host_async(const at::Tensor& t) {
+  if (!t.is_cuda()) return t.contiguous();
+  auto host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(t, /*non_blocking=*/true);
+  return host;
 }
 
 // --- CUDA graphs ----------------------------------------------------------------------------------------------

@@ -59,6 +59,29 @@ std::pair<at::Tensor, at::Tensor> quantize_fp8_e4m3(const at::Tensor& x, bool pe
 /// The same with ATen operations (any device): the reference for the kernel and the CPU path.
 std::pair<at::Tensor, at::Tensor> quantize_fp8_reference(const at::Tensor& x, bool per_row);
 
+/// A stream beside the calling thread's current one on `device` (on the CPU: everything runs at once, in order).
+/// run(fn) queues fn's work on it after the work already queued on the current stream, so it overlaps what the
+/// current stream does next; synchronize() waits for everything run() queued. Tensors that fn reads and the current
+/// stream allocated must stay referenced until synchronize() (the caching allocator could otherwise hand their memory
+/// to the current stream while this one still reads it); tensors fn allocates belong to this stream.
+class SideStream {
+ public:
+  explicit SideStream(c10::Device device);
+  ~SideStream();
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  void run(const std::function<void()>& fn);
+  void synchronize();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// A copy of `t` in host memory; from a GPU into pinned memory without waiting (the copy completes in stream order:
+/// synchronize the stream that queued it before reading). On the CPU: t itself, contiguous.
+at::Tensor copy_to_host_async(const at::Tensor& t);
+
 /// CUDA graphs of forwards repeated at fixed shapes, by key (e.g. denoising step and ring slot). The first call of a
 /// key runs `body` eagerly (warm-up); the second copies the `inputs` into static buffers, captures `body` and replays
 /// it; later calls copy the inputs into the buffers and replay. `*output` (set by body) is cloned out of the graph's

@@ -24,6 +24,18 @@ void reset_peak_memory(int) { no_cuda("reset_peak_memory"); }
 void set_memory_cap(int, uint64_t) { no_cuda("set_memory_cap"); }
 std::pair<at::Tensor, at::Tensor> quantize_fp8_e4m3(const at::Tensor&, bool) { no_cuda("quantize_fp8_e4m3"); }
 
+struct SideStream::Impl {};
+SideStream::SideStream(c10::Device device) : impl_(std::make_unique<Impl>()) {
+  if (device.is_cuda()) no_cuda("SideStream");
+}
+SideStream::~SideStream() = default;
+void SideStream::run(const std::function<void()>& fn) { fn(); }
+void SideStream::synchronize() {}
+at::Tensor copy_to_host_async(const at::Tensor& t) {
+  if (t.is_cuda()) no_cuda("copy_to_host_async");
+  return t.contiguous();
+}
+
 struct Graphs::Impl {};
 Graphs::Graphs(c10::Device) : impl_(std::make_unique<Impl>()) {}
 Graphs::~Graphs() = default;

@@ -15,6 +15,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <string>
 
@@ -453,34 +454,73 @@ class LiveAvatarBackend final : public Backend {
     session_ = std::move(session);
   }
 
+  // A block whose decode and copy to the host are queued (on a GPU: on the VAE's stream, while the next block's
+  // DiT runs on the DiT's). The device tensors it reads stay referenced until its frames are taken.
+  struct DecodingBlock {
+    int64_t index = 0;
+    at::Tensor latents, finite;    // device: the DiT's output and its all-finite flag
+    at::Tensor frames, finite_host;  // host (pinned on a GPU): [T, H, W, 3] uint8 and the flag
+  };
+
   void run_blocks(bool at_end) {
     const int64_t n = block_frames();
-    while (pending_frames() >= n || (at_end && pending_frames() > 0)) {
-      // A block takes long on real weights: a flush or a stop must not wait for the rest of the audio.
-      throw_if_cancelled();
-      at::Tensor audio = features_.narrow(2, 0, std::min(n, pending_frames()));
-      features_ = pending_frames() > n ? features_.narrow(2, n, pending_frames() - n).contiguous() : at::Tensor();
-      if (audio.size(2) < n)
-        audio = at::cat({audio, at::zeros({audio.size(0), audio.size(1), n - audio.size(2)})}, 2);
-      const auto block = session_->generate_block(audio.to(models_->dit->device(), models_->dit->dtype()));
-      if (!at::isfinite(block.latents).all().item<bool>())
-        throw Error("backend=liveavatar: the DiT produced NaN or infinity in block " +
-                    std::to_string(session_->blocks_done() - 1) + " (try precision=fp32)");
+    std::optional<DecodingBlock> decoding;
+    try {
+      while (pending_frames() >= n || (at_end && pending_frames() > 0)) {
+        // A block takes long on real weights: a flush or a stop must not wait for the rest of the audio.
+        throw_if_cancelled();
+        at::Tensor audio = features_.narrow(2, 0, std::min(n, pending_frames()));
+        features_ = pending_frames() > n ? features_.narrow(2, n, pending_frames() - n).contiguous() : at::Tensor();
+        if (audio.size(2) < n)
+          audio = at::cat({audio, at::zeros({audio.size(0), audio.size(1), n - audio.size(2)})}, 2);
+        const auto block = session_->generate_block(audio.to(models_->dit->device(), models_->dit->dtype()));
+        // The previous block's frames were decoded while this block's DiT ran.
+        if (decoding) take_frames(*decoding);
+        decoding = DecodingBlock{};
+        decode_async(block.latents, session_->blocks_done() - 1, *decoding);
+      }
+    } catch (...) {
+      // Frames already generated are kept (a cancelled or failed block loses only itself).
+      if (decoding) {
+        try {
+          take_frames(*decoding);
+        } catch (...) {
+        }
+      }
+      throw;
+    }
+    if (decoding) take_frames(*decoding);
+  }
+
+  // Queues the VAE decode of `latents` and the copy of its frames to the host; no host synchronisation here (the
+  // NaN check travels with the frames instead of syncing per block).
+  void decode_async(const at::Tensor& latents, int64_t index, DecodingBlock& out) {
+    out.index = index;
+    out.latents = latents;
+    out.finite = at::isfinite(latents).all();
+    if (!vae_stream_) vae_stream_ = std::make_unique<cuda::SideStream>(models_->vae->device());
+    vae_stream_->run([&] {
       // Upstream's real-time pipeline drops the first 3 decoded frames of the very first block (the hand-over from
       // the motion frames). They are kept here: frame n shows the audio of frame n, so the video stays exactly as
       // long as the audio.
-      const auto video = decoder_->decode_block(block.latents.unsqueeze(0).to(models_->vae->dtype()));
-      queue_frames(video[0]);  // [3, T, H, W] in [-1, 1]
-    }
+      const auto video = decoder_->decode_block(out.latents.unsqueeze(0).to(models_->vae->dtype()))[0];
+      // As upstream writes its frames: uint8(((clamp(x, -1, 1) + 1) / 2) * 255), truncating. [3, T, H, W] -> [T, H, W, 3]
+      const auto u8 = (((video.to(at::kFloat).clamp(-1, 1) + 1.0) / 2.0) * 255.0).to(at::kByte).permute({1, 2, 3, 0});
+      out.frames = cuda::copy_to_host_async(u8);
+      out.finite_host = cuda::copy_to_host_async(out.finite);
+    });
   }
 
-  void queue_frames(const at::Tensor& video) {
-    // As upstream writes its frames: uint8(((clamp(x, -1, 1) + 1) / 2) * 255), truncating.
-    const auto u8 = (((video.to(at::kFloat).clamp(-1, 1) + 1.0) / 2.0) * 255.0)
-                        .to(at::kByte)
-                        .permute({1, 2, 3, 0})  // [T, H, W, 3]
-                        .contiguous()
-                        .cpu();
+  void take_frames(DecodingBlock& block) {
+    vae_stream_->synchronize();
+    if (!block.finite_host.item<bool>())
+      throw Error("backend=liveavatar: the DiT produced NaN or infinity in block " + std::to_string(block.index) +
+                  " (try precision=fp32)");
+    queue_frames(block.frames);
+    block = DecodingBlock{};
+  }
+
+  void queue_frames(const at::Tensor& u8) {  // [T, H, W, 3] uint8, host
     for (int64_t t = 0; t < u8.size(0); ++t) {
       Frame f;
       f.index = frames_queued_++;
@@ -502,6 +542,7 @@ class LiveAvatarBackend final : public Backend {
   std::unique_ptr<Encoded> encoded_;
   std::unique_ptr<dit::Session> session_;  // null until conditioned for the current stream
   std::unique_ptr<vae::StreamingDecoder> decoder_;
+  std::unique_ptr<cuda::SideStream> vae_stream_;  // the VAE decode beside the DiT (created on first use)
   std::unique_ptr<audio::AudioStream> stream_;
   at::Tensor features_;  // [layers, dim, frames] not yet given to the DiT
   std::deque<Frame> ready_;
