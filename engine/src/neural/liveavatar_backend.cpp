@@ -473,7 +473,11 @@ class LiveAvatarBackend final : public Backend {
         features_ = pending_frames() > n ? features_.narrow(2, n, pending_frames() - n).contiguous() : at::Tensor();
         if (audio.size(2) < n)
           audio = at::cat({audio, at::zeros({audio.size(0), audio.size(1), n - audio.size(2)})}, 2);
-        const auto block = session_->generate_block(audio.to(models_->dit->device(), models_->dit->dtype()));
+        // To a GPU from pinned memory without waiting (LibTorch's host allocator keeps the buffer until the copy).
+        const auto dev = models_->dit->device();
+        audio = audio.to(models_->dit->dtype());
+        audio = dev.is_cuda() ? audio.pin_memory().to(dev, /*non_blocking=*/true) : audio;
+        const auto block = session_->generate_block(audio);
         // The previous block's frames were decoded while this block's DiT ran.
         if (decoding) take_frames(*decoding);
         decoding = DecodingBlock{};
