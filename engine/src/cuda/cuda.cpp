@@ -206,7 +206,8 @@ void Graphs::run(uint64_t key, const std::vector<at::Tensor*>& inputs, at::Tenso
     try {
       c10::cuda::CUDAStreamGuard on_side(side);
       if (im.pool.first == 0 && im.pool.second == 0) im.pool = at::cuda::graph_pool_handle();
-      graph->capture_begin(im.pool);
+      // Thread-local capture: other threads of the process (GStreamer's, other streams') may keep using CUDA.
+      graph->capture_begin(im.pool, cudaStreamCaptureModeThreadLocal);
       try {
         body();
       } catch (...) {
