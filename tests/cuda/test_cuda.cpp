@@ -7,6 +7,7 @@
 #include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -275,6 +276,37 @@ TEST_F(Gpu, GraphReplayEqualsEagerOverTheSinkRefresh) {
   EXPECT_EQ(status.rfind("eager", 0), std::string::npos) << status;
   EXPECT_NE(status.find("replays"), std::string::npos) << status;
   EXPECT_LT(max_abs_diff(eager, graphed), 1e-2 * max_abs(eager)) << status;
+}
+
+// The stage plan on the machine's GPU(s): four layer-range shards in one process (all on cuda:0 when it is the only
+// GPU; NCCL cannot put two ranks on one GPU) reproduce the single model over 5 blocks with the sink refresh.
+TEST_F(Gpu, FourStageShardsEqualTheSingleModel) {
+  auto cfg = ModelConfig::tiny();
+  cfg.num_layers = 4;
+  cfg.audio_inject_layers = {0, 1, 3};
+  const auto single_options = options_on(dev, Precision::kBf16);
+  Model single(cfg, single_options, 6);
+  weights::Checkpoint ck;
+  for (const auto& p : single.module()->named_parameters(/*recurse=*/true)) ck.tensors[p.key()] = p.value().cpu();
+  ck.files.push_back("memory");
+  std::vector<std::unique_ptr<Model>> shards;
+  std::vector<const Model*> chain;
+  const int gpus = cuda::device_count();
+  for (int k = 0; k < 4; ++k) {
+    auto o = options_on(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(k % gpus)), Precision::kBf16);
+    o.first_layer = k;
+    o.last_layer = k + 1;
+    shards.push_back(std::make_unique<Model>(cfg, ck, o));
+    chain.push_back(shards.back().get());
+  }
+  const auto in = make_inputs(cfg, 5, at::kBFloat16);
+  const auto a = stream(single, in);
+  c10::NoGradGuard no_grad;
+  Session s(chain, {});
+  s.set_condition(in.ref, in.motion, in.text);
+  std::vector<at::Tensor> b;
+  for (const auto& x : in.audio) b.push_back(s.generate_block(x).latents.to(at::kCPU, at::kFloat));
+  EXPECT_EQ(max_abs_diff(a, b), 0.0);
 }
 
 TEST_F(Gpu, AttentionKernelsAgreeWithMath) {
