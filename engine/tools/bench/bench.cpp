@@ -15,6 +15,7 @@
 
 #ifdef LIVEAVATAR_WITH_DIT
 int liveavatar_dit_bench_main(int argc, char** argv);
+int liveavatar_parallel_bench_main(int argc, char** argv);
 #endif
 
 namespace {
@@ -27,7 +28,9 @@ const char kUsage[] =
     "  --threads N      OpenCV worker threads (default 1: one core)\n"
     "  --repeat N       timed runs, the best and median are reported (default 3)\n"
     "liveavatar-bench --dit tiny|14b [...]: the streaming DiT instead (per-block latency, peak memory);\n"
-    "  the same options as liveavatar-dit-bench (--device, --dtype, --blocks, --latent, --checkpoint, ...).\n";
+    "  the same options as liveavatar-dit-bench (--device, --dtype, --blocks, --latent, --checkpoint, ...).\n"
+    "liveavatar-bench --plan single|step|stage [--devices cpu:N] [...]: a parallel plan against single with the\n"
+    "  same total cores (blocks/s, time to the first block, pipeline bubble, bytes per hop; --plan --help).\n";
 
 // Without --audio: a voiced signal (150 Hz pulse train through two formants) gated 1.2 s on / 0.5 s off.
 std::vector<float> synthetic_speech(size_t n, int rate) {
@@ -52,6 +55,12 @@ int run(int argc, char** argv) {
       return liveavatar_dit_bench_main(argc, argv);
 #else
       throw liveavatar::Error("--dit needs the engine built with LibTorch: run scripts/setup.sh and rebuild");
+#endif
+    } else if (std::string(argv[i]) == "--plan") {
+#ifdef LIVEAVATAR_WITH_DIT
+      return liveavatar_parallel_bench_main(argc, argv);
+#else
+      throw liveavatar::Error("--plan needs the engine built with LibTorch: run scripts/setup.sh and rebuild");
 #endif
     }
   std::string image_path, audio_path;
