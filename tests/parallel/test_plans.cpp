@@ -187,12 +187,12 @@ TEST(PlanThreads, StepOfFourOnTheTinyCheckpointEqualsSingle) { run_plan_as_threa
 // once, so up to one item per block is in flight, the velocities coming back on the return channel. The batches
 // cross the sink refresh (block 4), which starts a batch of its own. Every latent, velocity and offset equals
 // single's.
-void run_pipelined(const std::string& dir, int world, const std::vector<size_t>& batches) {
+void run_pipelined(const std::string& dir, int world, const std::vector<size_t>& batches, Plan plan = Plan::kStage) {
   const auto cfg = config_of(dir);
   const auto in = make_inputs(cfg, kBlocks);
   const auto single = single_stream(dir, in);
-  const auto models = rank_models(dir, Plan::kStage, world);
-  World w(loopback(world, 0, 60s, Plan::kStage),
+  const auto models = rank_models(dir, plan, world);
+  World w(loopback(world, 0, 60s, plan),
           [&](int r) -> const dit::Model& { return *models[static_cast<size_t>(r)]; }, /*local_ranks=*/true);
   // Twice: a second stream on the same world starts from block 0 again.
   for (int round = 0; round < 2; ++round) {
@@ -211,6 +211,12 @@ void run_pipelined(const std::string& dir, int world, const std::vector<size_t>&
     for (size_t b = 0; b < single.size(); ++b) {
       const std::string blk = "round " + std::to_string(round) + " block " + std::to_string(b);
       EXPECT_TRUE(close(got[b].latents, single[b].latents, blk + " latents", kFp32));
+      if (plan == Plan::kStep) {  // rank 0 returns the velocity of its own step
+        ASSERT_EQ(got[b].velocities.size(), 1u) << blk;
+        EXPECT_TRUE(close(got[b].velocities[0], single[b].velocities[0], blk + " step 0", kFp32));
+        EXPECT_EQ(got[b].rope_offsets.at(0), single[b].rope_offsets.at(0)) << blk;
+        continue;
+      }
       ASSERT_EQ(got[b].velocities.size(), single[b].velocities.size()) << blk;
       for (size_t s = 0; s < got[b].velocities.size(); ++s)
         EXPECT_TRUE(close(got[b].velocities[s], single[b].velocities[s], blk + " step " + std::to_string(s), kFp32));
@@ -222,6 +228,10 @@ void run_pipelined(const std::string& dir, int world, const std::vector<size_t>&
 
 TEST(PlanThreads, PipelinedStageOfTwoEqualsSingle) { run_pipelined(testutil::tiny().dir, 2, {2, 3}); }
 TEST(PlanThreads, PipelinedStageOfFourEqualsSingle) { run_pipelined(four_layer_dir(), 4, {1, 4}); }
+// The step plan through the same driver (its batches run one block after the other).
+TEST(PlanThreads, DrivenStepOfFourEqualsSingle) {
+  run_pipelined(testutil::tiny().dir, 4, {2, 3}, Plan::kStep);
+}
 
 // A follower whose model is not rank 0's (here: another checkpoint's shape) says so instead of computing garbage.
 TEST(PlanThreads, FollowerWithAnotherModelIsRefused) {

@@ -293,7 +293,13 @@ struct Models {
     // Built directly on its device in its dtype and read tensor by tensor (no random values first, host memory
     // near the largest tensor), the LoRA merged per tensor.
     const auto& pc = setup.config;
-    const int held = pc.plan() == parallel::Plan::kStage && setup.local_ranks ? pc.world_size() : 1;
+    // Stage: each local rank its layers. Step: one whole DiT shared by the local ranks when they share a device
+    // (a Model is immutable), else one copy per rank's device.
+    bool one_device = true;
+    for (const auto& d : pc.devices()) one_device = one_device && d == pc.devices().front();
+    const bool per_rank = setup.local_ranks && (pc.plan() == parallel::Plan::kStage ||
+                                                (pc.plan() == parallel::Plan::kStep && !one_device));
+    const int held = per_rank ? pc.world_size() : 1;
     for (int r = 0; r < held; ++r) dits.push_back(load_rank_dit(c, files, dit_config, pc.with_rank(r)));
 
     auto vae_ckpt = weights::load_pth(files.vae);
@@ -519,9 +525,9 @@ class LiveAvatarBackend final : public Backend {
   void connect() {
     world_.reset();
     const Models& m = *models_;
-    const bool step = m.setup.config.plan() == parallel::Plan::kStep;
     world_ = std::make_unique<parallel::World>(
-        m.setup.config, [&m, step](int rank) -> const dit::Model& { return *m.dits[step ? 0 : rank]; },
+        m.setup.config,
+        [&m](int rank) -> const dit::Model& { return *m.dits[m.dits.size() == 1 ? 0 : static_cast<size_t>(rank)]; },
         m.setup.local_ranks);
   }
   int64_t pending_frames() const { return features_.defined() ? features_.size(2) : 0; }
