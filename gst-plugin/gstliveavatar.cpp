@@ -83,10 +83,31 @@ enum {
   PROP_PRECISION,
   PROP_MAX_AREA,
   PROP_LAG_POLICY,
+  PROP_PARALLEL,
+  PROP_DEVICES,
+  PROP_KV_PRECISION,
+  PROP_RENDEZVOUS,
+  PROP_PARALLEL_TIMEOUT,
 };
 
 enum GstLiveAvatarBackend { GST_LIVE_AVATAR_BACKEND_PUPPET = 0, GST_LIVE_AVATAR_BACKEND_LIVEAVATAR = 1 };
-enum GstLiveAvatarPrecision { GST_LIVE_AVATAR_PRECISION_FP32 = 0, GST_LIVE_AVATAR_PRECISION_BF16 = 1 };
+enum GstLiveAvatarPrecision {
+  GST_LIVE_AVATAR_PRECISION_FP32 = 0,
+  GST_LIVE_AVATAR_PRECISION_BF16 = 1,
+  GST_LIVE_AVATAR_PRECISION_FP8 = 2,
+};
+enum GstLiveAvatarParallel {
+  GST_LIVE_AVATAR_PARALLEL_AUTO = 0,
+  GST_LIVE_AVATAR_PARALLEL_SINGLE = 1,
+  GST_LIVE_AVATAR_PARALLEL_STEP = 2,
+  GST_LIVE_AVATAR_PARALLEL_STAGE = 3,
+};
+enum GstLiveAvatarKvPrecision {
+  GST_LIVE_AVATAR_KV_PRECISION_AUTO = 0,
+  GST_LIVE_AVATAR_KV_PRECISION_FP32 = 1,
+  GST_LIVE_AVATAR_KV_PRECISION_BF16 = 2,
+  GST_LIVE_AVATAR_KV_PRECISION_FP8 = 3,
+};
 enum GstLiveAvatarLagPolicy {
   GST_LIVE_AVATAR_LAG_POLICY_WAIT = 0,
   GST_LIVE_AVATAR_LAG_POLICY_DROP = 1,
@@ -104,6 +125,11 @@ enum GstLiveAvatarLagPolicy {
 #define DEFAULT_PRECISION GST_LIVE_AVATAR_PRECISION_FP32
 #define DEFAULT_MAX_AREA static_cast<guint>(liveavatar::kDefaultMaxArea)
 #define DEFAULT_LAG_POLICY GST_LIVE_AVATAR_LAG_POLICY_WAIT
+#define DEFAULT_PARALLEL GST_LIVE_AVATAR_PARALLEL_SINGLE
+#define DEFAULT_DEVICES "cpu"
+#define DEFAULT_KV_PRECISION GST_LIVE_AVATAR_KV_PRECISION_AUTO
+#define DEFAULT_RENDEZVOUS ""
+#define DEFAULT_PARALLEL_TIMEOUT 30000
 
 static constexpr int kFpsN = 25;
 static constexpr int kFpsD = 1;
@@ -135,6 +161,8 @@ static GType gst_live_avatar_precision_get_type(void) {
   static GType type = 0;
   static const GEnumValue values[] = {{GST_LIVE_AVATAR_PRECISION_FP32, "32-bit float", "fp32"},
                                       {GST_LIVE_AVATAR_PRECISION_BF16, "bfloat16 DiT", "bf16"},
+                                      {GST_LIVE_AVATAR_PRECISION_FP8,
+                                       "float8 e4m3 DiT linear weights with a scale, bfloat16 activations", "fp8"},
                                       {0, nullptr, nullptr}};
   if (g_once_init_enter(&type)) {
     GType t = g_enum_register_static("GstLiveAvatarPrecision", values);
@@ -161,6 +189,41 @@ static GType gst_live_avatar_lag_policy_get_type(void) {
   return type;
 }
 
+#define GST_TYPE_LIVE_AVATAR_PARALLEL (gst_live_avatar_parallel_get_type())
+static GType gst_live_avatar_parallel_get_type(void) {
+  static GType type = 0;
+  static const GEnumValue values[] = {
+      {GST_LIVE_AVATAR_PARALLEL_AUTO, "The memory planner's choice: the fastest plan that fits the devices", "auto"},
+      {GST_LIVE_AVATAR_PARALLEL_SINGLE, "One device holds everything", "single"},
+      {GST_LIVE_AVATAR_PARALLEL_STEP,
+       "One rank per denoising step (4), each with the whole DiT (LiveAvatar's TPP)", "step"},
+      {GST_LIVE_AVATAR_PARALLEL_STAGE,
+       "Layer pipeline: rank k holds layers [kL/N, (k+1)L/N) and their KV caches (fits 4x24 GB)", "stage"},
+      {0, nullptr, nullptr}};
+  if (g_once_init_enter(&type)) {
+    GType t = g_enum_register_static("GstLiveAvatarParallel", values);
+    g_once_init_leave(&type, t);
+  }
+  return type;
+}
+
+#define GST_TYPE_LIVE_AVATAR_KV_PRECISION (gst_live_avatar_kv_precision_get_type())
+static GType gst_live_avatar_kv_precision_get_type(void) {
+  static GType type = 0;
+  static const GEnumValue values[] = {
+      {GST_LIVE_AVATAR_KV_PRECISION_AUTO, "As the DiT's activations (fp32 with precision=fp32, else bf16)", "auto"},
+      {GST_LIVE_AVATAR_KV_PRECISION_FP32, "32-bit float", "fp32"},
+      {GST_LIVE_AVATAR_KV_PRECISION_BF16, "bfloat16", "bf16"},
+      {GST_LIVE_AVATAR_KV_PRECISION_FP8, "float8 (planned by the memory planner; not held by this engine yet)",
+       "fp8"},
+      {0, nullptr, nullptr}};
+  if (g_once_init_enter(&type)) {
+    GType t = g_enum_register_static("GstLiveAvatarKvPrecision", values);
+    g_once_init_leave(&type, t);
+  }
+  return type;
+}
+
 // Properties, copied under GST_OBJECT_LOCK; a snapshot is taken at READY->PAUSED.
 struct Settings {
   GstLiveAvatarBackend backend = DEFAULT_BACKEND;
@@ -174,6 +237,11 @@ struct Settings {
   GstLiveAvatarPrecision precision = DEFAULT_PRECISION;
   guint max_area = DEFAULT_MAX_AREA;
   GstLiveAvatarLagPolicy lag_policy = DEFAULT_LAG_POLICY;
+  GstLiveAvatarParallel parallel = DEFAULT_PARALLEL;
+  std::string devices = DEFAULT_DEVICES;
+  GstLiveAvatarKvPrecision kv_precision = DEFAULT_KV_PRECISION;
+  std::string rendezvous = DEFAULT_RENDEZVOUS;
+  guint parallel_timeout = DEFAULT_PARALLEL_TIMEOUT;
 };
 
 // Runtime state, touched only by the aggregate thread (and start/stop while that thread is stopped).
@@ -447,6 +515,44 @@ static GstFlowReturn push_frame(GstLiveAvatar* self, const liveavatar::Frame& f,
   }
   gst_video_frame_unmap(&vf);
   return push_buffer(self, buf, index, replaced);
+}
+
+// Rank 0's plan (plan, devices, bytes per device) as an element message "liveavatar-plan", and in the log.
+static void post_plan(GstLiveAvatar* self) {
+  const liveavatar::ExecutionPlan plan = self->priv->state.engine->execution_plan();
+  if (plan.parallel.empty()) return;  // the puppet has none
+  GST_INFO_OBJECT(self, "plan: %s", plan.summary.c_str());
+  GValue devices = G_VALUE_INIT, roles = G_VALUE_INIT, bytes = G_VALUE_INIT, free_bytes = G_VALUE_INIT;
+  gst_value_array_init(&devices, plan.devices.size());
+  gst_value_array_init(&roles, plan.devices.size());
+  gst_value_array_init(&bytes, plan.devices.size());
+  gst_value_array_init(&free_bytes, plan.devices.size());
+  for (const auto& d : plan.devices) {
+    GValue v = G_VALUE_INIT;
+    g_value_init(&v, G_TYPE_STRING);
+    g_value_set_string(&v, d.device.c_str());
+    gst_value_array_append_value(&devices, &v);
+    g_value_set_string(&v, d.role.c_str());
+    gst_value_array_append_value(&roles, &v);
+    g_value_unset(&v);
+    g_value_init(&v, G_TYPE_UINT64);
+    g_value_set_uint64(&v, d.bytes);
+    gst_value_array_append_value(&bytes, &v);
+    g_value_set_uint64(&v, d.free_bytes);
+    gst_value_array_append_value(&free_bytes, &v);
+    g_value_unset(&v);
+  }
+  GstStructure* s = gst_structure_new("liveavatar-plan", "parallel", G_TYPE_STRING, plan.parallel.c_str(), "ranks",
+                                      G_TYPE_INT, static_cast<int>(plan.devices.size()), "precision", G_TYPE_STRING,
+                                      plan.precision.c_str(), "kv-precision", G_TYPE_STRING,
+                                      plan.kv_precision.c_str(), "rendezvous", G_TYPE_STRING,
+                                      plan.rendezvous.c_str(), "summary", G_TYPE_STRING, plan.summary.c_str(),
+                                      nullptr);
+  gst_structure_take_value(s, "devices", &devices);
+  gst_structure_take_value(s, "roles", &roles);
+  gst_structure_take_value(s, "bytes", &bytes);
+  gst_structure_take_value(s, "free-bytes", &free_bytes);
+  gst_element_post_message(GST_ELEMENT(self), gst_message_new_element(GST_OBJECT(self), s));
 }
 
 static void post_engine_warnings(GstLiveAvatar* self) {
@@ -1282,7 +1388,16 @@ static gboolean start_impl(GstLiveAvatar* self) {
   config.model_dir = settings.model_dir;
   config.lora = settings.lora;
   config.prompt = settings.prompt;
-  config.precision = settings.precision == GST_LIVE_AVATAR_PRECISION_BF16 ? "bf16" : "fp32";
+  config.precision = settings.precision == GST_LIVE_AVATAR_PRECISION_BF16  ? "bf16"
+                     : settings.precision == GST_LIVE_AVATAR_PRECISION_FP8 ? "fp8"
+                                                                           : "fp32";
+  static const char* const kParallel[] = {"auto", "single", "step", "stage"};
+  static const char* const kKv[] = {"auto", "fp32", "bf16", "fp8"};
+  config.parallel = kParallel[settings.parallel];
+  config.devices = settings.devices;
+  config.kv_precision = kKv[settings.kv_precision];
+  config.rendezvous = settings.rendezvous;
+  config.parallel_timeout_ms = static_cast<int>(settings.parallel_timeout);
   config.width = settings.width;
   config.height = settings.height;
   config.seed = settings.seed;
@@ -1308,7 +1423,9 @@ static gboolean start_impl(GstLiveAvatar* self) {
   const std::string key = config.backend + "|" + std::to_string(config.width) + "x" + std::to_string(config.height) +
                           "|" + std::to_string(config.seed) + "|" + settings.mouth_box + "|" + config.model_dir +
                           "|" + config.lora + "|" + config.prompt + "|" + config.precision + "|" +
-                          std::to_string(config.max_area) + "|" + std::to_string(config.testing_block_delay_ms);
+                          std::to_string(config.max_area) + "|" + std::to_string(config.testing_block_delay_ms) +
+                          "|" + config.parallel + "|" + config.devices + "|" + config.kv_precision + "|" +
+                          config.rendezvous + "|" + std::to_string(config.parallel_timeout_ms);
   GstMessage* msg = gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_START, "load",
                                              "Loading the avatar backend");
   gst_element_post_message(GST_ELEMENT(self), msg);
@@ -1327,6 +1444,7 @@ static gboolean start_impl(GstLiveAvatar* self) {
     throw;
   }
   post_engine_warnings(self);  // e.g. a model folder without the LiveAvatar LoRA
+  post_plan(self);
   gst_element_post_message(GST_ELEMENT(self), gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_COMPLETE,
                                                                        "load", "Avatar backend ready"));
   priv->state.have_reference = false;
@@ -1425,6 +1543,25 @@ static void gst_live_avatar_set_property(GObject* object, guint prop_id, const G
       else
         s.max_area = g_value_get_uint(value);
       break;
+    case PROP_PARALLEL:
+      s.parallel = static_cast<GstLiveAvatarParallel>(g_value_get_enum(value));
+      break;
+    case PROP_DEVICES: {
+      const char* v = g_value_get_string(value);
+      s.devices = v ? v : DEFAULT_DEVICES;
+      break;
+    }
+    case PROP_KV_PRECISION:
+      s.kv_precision = static_cast<GstLiveAvatarKvPrecision>(g_value_get_enum(value));
+      break;
+    case PROP_RENDEZVOUS: {
+      const char* v = g_value_get_string(value);
+      s.rendezvous = v ? v : "";
+      break;
+    }
+    case PROP_PARALLEL_TIMEOUT:
+      s.parallel_timeout = g_value_get_uint(value);
+      break;
     case PROP_LAG_POLICY:
       s.lag_policy = static_cast<GstLiveAvatarLagPolicy>(g_value_get_enum(value));
       break;
@@ -1472,6 +1609,21 @@ static void gst_live_avatar_get_property(GObject* object, guint prop_id, GValue*
       break;
     case PROP_LAG_POLICY:
       g_value_set_enum(value, s.lag_policy);
+      break;
+    case PROP_PARALLEL:
+      g_value_set_enum(value, s.parallel);
+      break;
+    case PROP_DEVICES:
+      g_value_set_string(value, s.devices.c_str());
+      break;
+    case PROP_KV_PRECISION:
+      g_value_set_enum(value, s.kv_precision);
+      break;
+    case PROP_RENDEZVOUS:
+      g_value_set_string(value, s.rendezvous.c_str());
+      break;
+    case PROP_PARALLEL_TIMEOUT:
+      g_value_set_uint(value, s.parallel_timeout);
       break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec);
@@ -1557,7 +1709,8 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   g_object_class_install_property(
       gobject_class, PROP_PRECISION,
       g_param_spec_enum("precision", "Precision",
-                        "backend=liveavatar: DiT precision (changeable in NULL/READY only)",
+                        "backend=liveavatar: DiT precision: fp32, bf16, or fp8 (e4m3 linear weights with a scale, "
+                        "bf16 activations) (changeable in NULL/READY only)",
                         GST_TYPE_LIVE_AVATAR_PRECISION, DEFAULT_PRECISION, flags));
   g_object_class_install_property(
       gobject_class, PROP_MAX_AREA,
@@ -1577,6 +1730,45 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
                         GST_TYPE_LIVE_AVATAR_LAG_POLICY, DEFAULT_LAG_POLICY,
                         static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS |
                                                  GST_PARAM_MUTABLE_PLAYING)));
+
+  g_object_class_install_property(
+      gobject_class, PROP_PARALLEL,
+      g_param_spec_enum("parallel", "Parallel plan",
+                        "backend=liveavatar: how the DiT is spread over `devices` (docs/parallel.md). single: one "
+                        "device; step: 4 ranks, one per denoising step, each with the whole DiT; stage: a layer "
+                        "pipeline of 2 or more ranks (rank k holds layers [kL/N, (k+1)L/N)); auto: the memory "
+                        "planner's choice. The plan is posted as the element message \"liveavatar-plan\" (changeable "
+                        "in NULL/READY only)",
+                        GST_TYPE_LIVE_AVATAR_PARALLEL, DEFAULT_PARALLEL, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_DEVICES,
+      g_param_spec_string("devices", "Devices",
+                          "backend=liveavatar: one device per rank: \"cpu\", \"cpu:N\" (N CPU ranks as threads), "
+                          "or \"cuda:0,cuda:1,...\" (a CUDA build). Must match parallel: single takes one, step 4, "
+                          "stage N >= 2 (changeable in NULL/READY only)",
+                          DEFAULT_DEVICES, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_KV_PRECISION,
+      g_param_spec_enum("kv-precision", "KV precision",
+                        "backend=liveavatar: precision of the KV caches; auto = the DiT's activations (fp32 with "
+                        "precision=fp32, else bf16), the only one the engine holds so far (others are refused "
+                        "with what to set) (changeable in NULL/READY only)",
+                        GST_TYPE_LIVE_AVATAR_KV_PRECISION, DEFAULT_KV_PRECISION, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_RENDEZVOUS,
+      g_param_spec_string("rendezvous", "Rendezvous",
+                          "backend=liveavatar, parallel step/stage: \"host:port\" where this element (rank 0) hosts "
+                          "the c10d store that liveavatar-worker processes join (ranks 1.. on this or other hosts, "
+                          "started with the same host:port, plan and devices); empty = every rank is a thread of "
+                          "this process (changeable in NULL/READY only)",
+                          DEFAULT_RENDEZVOUS, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_PARALLEL_TIMEOUT,
+      g_param_spec_uint("parallel-timeout", "Parallel timeout",
+                        "backend=liveavatar, parallel step/stage: milliseconds a rank waits for another (to join, to "
+                        "send its part of a block) before the stream fails with an error naming that rank "
+                        "(changeable in NULL/READY only)",
+                        100, 24 * 3600 * 1000, DEFAULT_PARALLEL_TIMEOUT, flags));
 
   gst_element_class_add_static_pad_template_with_gtype(element_class, &image_template, GST_TYPE_AGGREGATOR_PAD);
   gst_element_class_add_static_pad_template_with_gtype(element_class, &audio_template, GST_TYPE_AGGREGATOR_PAD);
@@ -1601,6 +1793,8 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_BACKEND, static_cast<GstPluginAPIFlags>(0));
   gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_PRECISION, static_cast<GstPluginAPIFlags>(0));
   gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_LAG_POLICY, static_cast<GstPluginAPIFlags>(0));
+  gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_PARALLEL, static_cast<GstPluginAPIFlags>(0));
+  gst_type_mark_as_plugin_api(GST_TYPE_LIVE_AVATAR_KV_PRECISION, static_cast<GstPluginAPIFlags>(0));
 }
 
 static void gst_live_avatar_init(GstLiveAvatar* self) {

@@ -52,6 +52,8 @@ class Backend {
   virtual int frames_per_block() const { return 1; }
   /// Whether "auto" runs this backend on a worker thread (long blocks) or inline (cheap frames, rendered when taken).
   virtual bool prefers_worker() const { return false; }
+  /// The plan the backend runs (fixed at construction).
+  virtual ExecutionPlan execution_plan() const { return {}; }
 };
 
 std::unique_ptr<Backend> make_puppet_backend(const EngineConfig& config);

@@ -124,6 +124,7 @@ class EngineImpl final : public Engine {
       throw Error("unknown backend '" + config.backend + "': available backends are " + names);
     }
     backend_ = factory(config);
+    plan_ = backend_->execution_plan();
     if (config.testing_block_delay_ms < 0)
       throw Error("testing_block_delay_ms must be 0 or positive, got " + std::to_string(config.testing_block_delay_ms));
     if (config.testing_block_delay_ms > 0) backend_ = make_slow_backend(std::move(backend_), config);
@@ -345,6 +346,8 @@ class EngineImpl final : public Engine {
     const double ns = frame_ns * s.frames_per_block + s.ms_per_block * 1e6 * static_cast<double>(1 + blocks_ahead);
     return std::chrono::nanoseconds(static_cast<int64_t>(ns));
   }
+
+  ExecutionPlan execution_plan() const override { return plan_; }
 
   EngineStats stats() const override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -568,6 +571,7 @@ class EngineImpl final : public Engine {
   }
 
   EngineConfig config_;
+  ExecutionPlan plan_;  // the backend's, fixed at creation
   std::unique_ptr<Backend> backend_;
   mutable std::mutex backend_mu_;
   int spf_ = 640;

@@ -11,10 +11,12 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "../golden.h"
 #include "../tiny_checkpoint.h"
 #include "dit/dit.h"
+#include "parallel/driver.h"
 #include "parallel/plans.h"
 #include "world.h"
 
@@ -180,6 +182,85 @@ TEST(PlanThreads, StageOfTwoOnTheTinyCheckpointEqualsSingle) { run_plan_as_threa
 TEST(PlanThreads, StageOfTwoOnFourLayersEqualsSingle) { run_plan_as_threads(four_layer_dir(), Plan::kStage, 2); }
 TEST(PlanThreads, StageOfFourEqualsSingle) { run_plan_as_threads(four_layer_dir(), Plan::kStage, 4); }
 TEST(PlanThreads, StepOfFourOnTheTinyCheckpointEqualsSingle) { run_plan_as_threads(testutil::tiny().dir, Plan::kStep, 4); }
+
+// Pipelined: rank 0 drives the other ranks (threads, World + Leader + follow()) and hands over several blocks at
+// once, so up to one item per block is in flight, the velocities coming back on the return channel. The batches
+// cross the sink refresh (block 4), which starts a batch of its own. Every latent, velocity and offset equals
+// single's.
+void run_pipelined(const std::string& dir, int world, const std::vector<size_t>& batches, Plan plan = Plan::kStage) {
+  const auto cfg = config_of(dir);
+  const auto in = make_inputs(cfg, kBlocks);
+  const auto single = single_stream(dir, in);
+  const auto models = rank_models(dir, plan, world);
+  World w(loopback(world, 0, 60s, plan),
+          [&](int r) -> const dit::Model& { return *models[static_cast<size_t>(r)]; }, /*local_ranks=*/true);
+  // Twice: a second stream on the same world starts from block 0 again.
+  for (int round = 0; round < 2; ++round) {
+    w.leader().set_condition(in.ref, in.motion, in.text, options());
+    std::vector<dit::BlockResult> got;
+    size_t next = 0;
+    for (const size_t n : batches) {
+      std::vector<at::Tensor> audio(in.audio.begin() + static_cast<std::ptrdiff_t>(next),
+                                    in.audio.begin() + static_cast<std::ptrdiff_t>(next + n));
+      for (auto& r : w.leader().generate_blocks(audio)) got.push_back(std::move(r));
+      next += n;
+    }
+    ASSERT_EQ(next, static_cast<size_t>(kBlocks));
+    EXPECT_EQ(w.leader().blocks_done(), kBlocks);
+    ASSERT_EQ(got.size(), single.size());
+    for (size_t b = 0; b < single.size(); ++b) {
+      const std::string blk = "round " + std::to_string(round) + " block " + std::to_string(b);
+      EXPECT_TRUE(close(got[b].latents, single[b].latents, blk + " latents", kFp32));
+      if (plan == Plan::kStep) {  // rank 0 returns the velocity of its own step
+        ASSERT_EQ(got[b].velocities.size(), 1u) << blk;
+        EXPECT_TRUE(close(got[b].velocities[0], single[b].velocities[0], blk + " step 0", kFp32));
+        EXPECT_EQ(got[b].rope_offsets.at(0), single[b].rope_offsets.at(0)) << blk;
+        continue;
+      }
+      ASSERT_EQ(got[b].velocities.size(), single[b].velocities.size()) << blk;
+      for (size_t s = 0; s < got[b].velocities.size(); ++s)
+        EXPECT_TRUE(close(got[b].velocities[s], single[b].velocities[s], blk + " step " + std::to_string(s), kFp32));
+      EXPECT_EQ(got[b].rope_offsets, single[b].rope_offsets) << blk;
+    }
+  }
+  EXPECT_EQ(w.broken(), "");
+}
+
+TEST(PlanThreads, PipelinedStageOfTwoEqualsSingle) { run_pipelined(testutil::tiny().dir, 2, {2, 3}); }
+TEST(PlanThreads, PipelinedStageOfFourEqualsSingle) { run_pipelined(four_layer_dir(), 4, {1, 4}); }
+// The step plan through the same driver (its batches run one block after the other).
+TEST(PlanThreads, DrivenStepOfFourEqualsSingle) {
+  run_pipelined(testutil::tiny().dir, 4, {2, 3}, Plan::kStep);
+}
+
+// A follower whose model is not rank 0's (here: another checkpoint's shape) says so instead of computing garbage.
+TEST(PlanThreads, FollowerWithAnotherModelIsRefused) {
+  const auto models2 = rank_models(testutil::tiny().dir, Plan::kStage, 2);
+  std::string message;
+  // Rank 0 posts the fingerprint of a stage x2 world of the 2-layer model; rank 1 holds the 4-layer model's half.
+  const auto four = rank_models(four_layer_dir(), Plan::kStage, 2);
+  auto cfg0 = loopback(2, 0, 20s, Plan::kStage);
+  auto rv0 = Rendezvous::open(cfg0);
+  cfg0 = cfg0.with_port(rv0.port());
+  std::thread follower([&] {
+    try {
+      const auto cfg1 = cfg0.with_rank(1);
+      auto rv1 = Rendezvous::open(cfg1);
+      auto ch = connect_channels(cfg1, rv1);
+      follow(cfg1, rv1, *ch.pipeline, ch.back.get(), *four[1]);
+    } catch (const ParallelError& e) {
+      message = e.what();
+    }
+  });
+  {
+    auto ch = connect_channels(cfg0, rv0);
+    Leader leader(cfg0, rv0, *ch.pipeline, ch.back.get(), *models2[0]);
+    follower.join();
+  }
+  EXPECT_NE(message.find("does not match rank 0's"), std::string::npos) << message;
+  EXPECT_NE(message.find("2 layers"), std::string::npos) << message;
+  EXPECT_NE(message.find("4 layers"), std::string::npos) << message;
+}
 
 TEST(PlanThreads, StageOfTwoInBf16EqualsSingleInBf16) {
   // The hidden state crosses the stage boundary in the model dtype (bf16 here), as the planner counts it.

@@ -110,6 +110,16 @@ struct EngineConfig {
                                      // config.json before any weight file is read; 0 = what the device has
                                      // free (cpu: MemAvailable of /proc/meminfo)
 
+  // Parallel plans, backend "liveavatar" only (docs/parallel.md). Ranks are threads of this process, each with its
+  // own part of the weights, unless `rendezvous` is set: then ranks 1.. are liveavatar-worker processes (on this or
+  // other hosts) that join rank 0, this engine, at that address.
+  std::string parallel = "single";  // auto (the memory planner's choice) | single | step | stage
+  std::string devices;              // one device per rank: "cpu:2" (two CPU ranks), "cuda:0,cuda:1"; "" = `device`
+  std::string kv_precision = "auto";  // the KV caches' precision; auto = the DiT's activations (fp32 with fp32
+                                      // weights, else bf16), the only one this engine holds them in so far
+  std::string rendezvous;           // "" = every rank in this process; "host:port" where rank 0 hosts the c10d store
+  int parallel_timeout_ms = 30000;  // longest wait for another rank; then the stream fails naming that rank
+
   // Generation worker (see the top of this file): "thread" = a worker thread does the model work, "inline" = the
   // caller's thread does, "auto" = thread for backends that work in blocks (liveavatar), inline for the puppet
   // (which renders each frame when it is taken, so a new picture shows from the very next frame).
@@ -134,6 +144,22 @@ struct EngineStats {
   double ms_per_block = 0;      // processing time of one block: moving average over recent blocks (0: none yet)
   double ms_last_block = 0;     // processing time of the last block
   double ms_first_frame = 0;    // from the first audio of the stream to its first frame being ready (0: not yet)
+};
+
+/// How the work is spread over devices (rank 0's view, fixed when the engine is created), for messages and logs.
+struct DevicePlan {
+  std::string device;  // "cpu", "cuda:1"
+  std::string role;    // "single", "step 2", "stage 1/4 (layers 10-19)"
+  uint64_t bytes = 0;  // what the memory planner counts for it (weights, caches, activations, slack)
+  uint64_t free_bytes = 0;  // what it was planned against (0: not known)
+};
+struct ExecutionPlan {
+  std::string parallel;       // "single", "step", "stage" ("" : the backend has no plan, e.g. the puppet)
+  std::string precision;      // DiT weights
+  std::string kv_precision;   // KV caches
+  std::string rendezvous;     // "" = every rank in this process, else where the workers join
+  std::vector<DevicePlan> devices;  // one per rank, rank 0 first
+  std::string summary;        // one line: "stage x2 on cpu, cpu: 1.2 GiB, 1.1 GiB (fp32, KV fp32)"
 };
 
 /// Where the backend found (or assumed) the face, in output pixels.
@@ -202,6 +228,8 @@ class Engine {
   /// processing time of a block, plus the blocks of audio queued ahead of it. Any thread may call it.
   virtual std::chrono::nanoseconds latency() const = 0;
   virtual EngineStats stats() const = 0;
+  /// How the backend spreads its work (the parallel plan and the bytes per device). Any thread may call it.
+  virtual ExecutionPlan execution_plan() const = 0;
 };
 
 /// Names of the registered backends, for help texts.

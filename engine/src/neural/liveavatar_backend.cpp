@@ -1,4 +1,5 @@
-// Backend "liveavatar": the LiveAvatar pipeline on LibTorch, single device plan.
+// Backend "liveavatar": the LiveAvatar pipeline on LibTorch, the DiT on one device or over several ranks (the step
+// and stage plans of engine/src/parallel: ranks as threads here, or liveavatar-worker processes joining rank 0).
 //   portrait -> Wan2.1 VAE -> reference latent (TPP: encode(ref)) + 19 motion latents (encode(ref x 73))
 //   prompt   -> umT5 -> text context (cached on disk, encoder freed)
 //   speech   -> wav2vec2 (incremental, bounded left context) -> 25 hidden states per video frame
@@ -23,11 +24,13 @@
 #include "audio/audio_encoder.h"
 #include "cuda/cuda.h"
 #include "dit/dit.h"
+#include "parallel/driver.h"
 #include "runtime/planner.h"
 #include "test_seams.h"
 #include "text/text_encoder.h"
 #include "vae/vae.h"
 #include "weights/weights.h"
+#include "worker.h"
 
 namespace liveavatar {
 namespace {
@@ -116,59 +119,201 @@ text::T5Config infer_t5_config(const weights::Checkpoint& ckpt, const std::strin
   return c;
 }
 
-// "cpu", "cuda" (= cuda:0) or "cuda:N", checked against the GPUs this process sees.
-c10::Device parse_device(const std::string& name) {
-  if (name == "cpu") return c10::Device(c10::kCPU);
-  int index = -1;
-  if (name == "cuda") index = 0;
-  else if (name.rfind("cuda:", 0) == 0 && name.size() > 5 && name.size() < 9 &&
-           name.find_first_not_of("0123456789", 5) == std::string::npos)
-    index = std::stoi(name.substr(5));
-  if (index < 0) throw Error("device must be cpu, cuda or cuda:N, got '" + name + "'");
-  if (index >= cuda::device_count())
-    throw Error("device " + name + " is not available: " +
-                (cuda::device_count() == 0 ? cuda::unavailable_reason()
-                                           : std::to_string(cuda::device_count()) + " GPUs are visible (cuda:0.." +
-                                                 std::to_string(cuda::device_count() - 1) + ")") +
-                "; use device=cpu or another GPU");
-  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+// Bytes the host can still give (MemAvailable of /proc/meminfo); 0 when it cannot be read.
+uint64_t host_available_bytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key, unit;
+  uint64_t kib = 0;
+  while (meminfo >> key >> kib) {
+    std::getline(meminfo, unit);
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return 0;
+}
+
+uint64_t file_bytes(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : 0;
+}
+
+// The parallel settings resolved before any weight file is read: the plan (auto: the memory planner's choice), one
+// device per rank, rank 0's ParallelConfig, and the planner's bytes per device.
+struct ParallelSetup {
+  parallel::ParallelConfig config;  // rank 0's
+  bool local_ranks = true;          // ranks 1.. are threads here (no rendezvous given), else worker processes
+  runtime::Plan plan;               // the planner's bytes per device for the chosen plan
+  bool checked = false;             // the bytes were checked against known free memory
+
+  static ParallelSetup resolve(const EngineConfig& c, const ModelFiles& files) {
+    ParallelSetup out;
+    const std::string devices_text = !c.devices.empty() ? c.devices : c.device == "cuda" ? "cuda:0" : c.device;
+    std::vector<c10::Device> devices;
+    std::chrono::milliseconds timeout{c.parallel_timeout_ms};
+    try {
+      devices = parallel::parse_devices(devices_text);
+      if (c.parallel_timeout_ms <= 0)
+        throw parallel::ParallelError("parallel-timeout must be positive, got " +
+                                      std::to_string(c.parallel_timeout_ms) + " ms");
+    } catch (const parallel::ParallelError& e) {
+      throw Error(e.what());
+    }
+    for (const auto& d : devices)
+      if (d.is_cuda() && d.index() >= cuda::device_count())
+        throw Error("device " + d.str() + " is not available: " +
+                    (cuda::device_count() == 0 ? cuda::unavailable_reason()
+                                               : std::to_string(cuda::device_count()) + " GPUs are visible (cuda:0.." +
+                                                     std::to_string(cuda::device_count() - 1) + ")") +
+                    "; use devices=cpu or GPUs this process sees");
+    const auto weights = runtime::parse_precision(c.precision);
+    const auto activations = weights == runtime::Precision::kFp32 ? runtime::Precision::kFp32
+                                                                  : runtime::Precision::kBf16;
+    if (c.kv_precision != "auto" && c.kv_precision != runtime::to_string(activations))
+      throw Error("kv-precision=" + c.kv_precision + " is not held by this engine yet: its KV caches are in the DiT's "
+                  "activation precision (" + std::string(runtime::to_string(activations)) + " with precision=" +
+                  c.precision + "); leave kv-precision=auto (the memory planner can size fp8 caches: "
+                  "liveavatar-plan --kv fp8)");
+
+    runtime::PlanRequest request;
+    const int64_t max_area = c.max_area > 0 ? c.max_area : kDefaultMaxArea;
+    const Size size = c.width > 0 && c.height > 0 ? Size{c.width, c.height} : model_output_size(384, 704, max_area);
+    request.width = size.width;
+    request.height = size.height;
+    request.weights = weights;
+    int64_t stages = 0;
+    try {
+      request.parallel = runtime::parse_parallel(c.parallel, &stages);
+    } catch (const runtime::PlanError& e) {
+      throw Error(e.what());
+    }
+    if (stages != 0 && stages != static_cast<int64_t>(devices.size()))
+      throw Error("parallel=" + c.parallel + " needs " + std::to_string(stages) + " devices, devices=" +
+                  devices_text + " gives " + std::to_string(devices.size()) +
+                  ": list one device per stage (e.g. cpu:" + std::to_string(stages) + ")");
+    // The companions' sizes from their files' sizes (stat only: fp32 VAE and wav2vec2, bf16 umT5 as published).
+    request.companions.vae_parameters = file_bytes(files.vae) / 4;
+    uint64_t w2v = file_bytes(files.wav2vec2 + "/model.safetensors");
+    if (w2v == 0) w2v = file_bytes(files.wav2vec2 + "/pytorch_model.bin");
+    request.companions.audio_encoder_parameters = w2v / 4;
+    request.companions.text_encoder_parameters = file_bytes(files.t5) / 2;
+    // Free bytes per device: memory-budget when given; CPU ranks of this process share the host's available memory
+    // evenly; a GPU gives its memory less the CUDA context and library handles (the planner's reserve).
+    int64_t cpu_ranks = 0;
+    for (const auto& d : devices) cpu_ranks += d.is_cpu() ? 1 : 0;
+    const uint64_t host = host_available_bytes();
+    out.checked = true;
+    for (const auto& d : devices) {
+      uint64_t budget = c.memory_budget;
+      if (budget == 0 && d.is_cpu() && host > 0) budget = host / static_cast<uint64_t>(std::max<int64_t>(1, cpu_ranks));
+      if (budget == 0 && d.is_cuda()) {
+        const uint64_t total = cuda::device_info(d.index()).total_bytes;
+        budget = total > runtime::kDefaultContextReserve ? total - runtime::kDefaultContextReserve : 0;
+      }
+      if (budget == 0) {
+        budget = uint64_t{1} << 50;  // unknown: plan for speed alone, report the bytes unchecked
+        out.checked = false;
+      }
+      // The planner names each device once: CPU ranks share the host, so they are told apart by their rank.
+      const std::string name = d.is_cpu() && devices.size() > 1 ? "cpu:" + std::to_string(request.devices.size())
+                                                                 : d.str();
+      request.devices.push_back(runtime::Device{name, budget});
+    }
+    runtime::Decision decision;
+    try {
+      decision = runtime::decide_for_checkpoint(files.base, request);
+    } catch (const runtime::PlanError& e) {
+      throw Error(std::string("backend=liveavatar cannot plan its memory: ") + e.what());
+    }
+    if (!decision.fits)
+      throw Error("backend=liveavatar does not fit in memory at " + std::to_string(size.width) + "x" +
+                  std::to_string(size.height) + ": " + decision.message +
+                  " (a smaller width/height or max-area, another precision, more memory-budget or more devices "
+                  "would fit; nothing was loaded)");
+    out.plan = decision.plan;
+    const auto chosen = out.plan.parallel == runtime::Parallel::kStep    ? parallel::Plan::kStep
+                        : out.plan.parallel == runtime::Parallel::kStage ? parallel::Plan::kStage
+                                                                        : parallel::Plan::kSingle;
+    if (request.parallel == runtime::Parallel::kAuto) {
+      // The planner's choice (posted with the plan): its ranks take the first devices.
+      devices.erase(devices.begin() + out.plan.ranks, devices.end());
+      out.plan.devices.erase(out.plan.devices.begin() + out.plan.ranks, out.plan.devices.end());
+    }
+    out.local_ranks = c.rendezvous.empty();
+    try {
+      out.config = parallel::ParallelConfig(chosen, devices, 0,
+                                            out.local_ranks ? parallel::Endpoint{"127.0.0.1", 0}
+                                                            : parallel::parse_endpoint(c.rendezvous),
+                                            timeout);
+    } catch (const parallel::ParallelError& e) {
+      throw Error(e.what());
+    }
+    if (static_cast<int64_t>(devices.size()) != out.plan.ranks)
+      throw Error("parallel=" + c.parallel + " runs " + std::to_string(out.plan.ranks) + " ranks, devices=" +
+                  devices_text + " gives " + std::to_string(devices.size()) + ": list exactly " +
+                  std::to_string(out.plan.ranks) + " devices, one per rank");
+    if (!out.local_ranks && chosen == parallel::Plan::kSingle)
+      throw Error("rendezvous=" + c.rendezvous + " is where liveavatar-worker processes join rank 0, but the plan is "
+                  "single (one rank): clear rendezvous, or choose parallel=step or stage with several devices");
+    return out;
+  }
+};
+
+// The DiT that rank config.rank() holds, built on its device and read from the files with the LoRA merged: the whole
+// model (single, step) or its stage's layers.
+std::unique_ptr<dit::Model> load_rank_dit(const EngineConfig& c, const ModelFiles& files,
+                                          const dit::ModelConfig& dit_config, const parallel::ParallelConfig& pc) {
+  dit::LoadOptions lo;
+  lo.device = pc.device();
+  lo.precision = dit::parse_precision(c.precision);
+  if (!files.lora.empty()) {
+    // The published LoRA is r = 128, alpha = 64. The file does not say so; the rank is in the tensors, and the
+    // scale alpha / r = 0.5 is kept for any rank (a tiny test checkpoint uses r = 4, alpha = 2).
+    const auto lora = weights::load_safetensors(files.lora);  // header only: the tensors stay mapped
+    for (const auto& kv : lora.tensors)
+      if (kv.first.find("lora_A") != std::string::npos && kv.second.dim() == 2) {
+        lo.lora_options.rank = kv.second.size(0);
+        break;
+      }
+    lo.lora_options.alpha = 0.5 * static_cast<double>(lo.lora_options.rank);
+    lo.lora = files.lora;
+  }
+  if (pc.plan() == parallel::Plan::kStage) {
+    const auto [first, last] = parallel::stage_layers(dit_config.num_layers, pc.rank(), pc.world_size());
+    lo.first_layer = first;
+    lo.last_layer = last;
+  }
+  return std::make_unique<dit::Model>(dit_config, exists(files.dit_index) ? files.dit_index : files.dit_single, lo);
 }
 
 // Immutable weights of one model folder, shared by every stream that uses the same files and precision.
 struct Models {
   ModelFiles files;
   dit::ModelConfig dit_config;
-  std::unique_ptr<dit::Model> dit;
+  ParallelSetup setup;
+  // single and step: [0] the whole DiT (step: shared by the ranks of this process); stage: rank r's layers (only
+  // rank 0's when the other ranks are workers).
+  std::vector<std::unique_ptr<dit::Model>> dits;
   std::unique_ptr<vae::WanVae> vae;
   std::unique_ptr<audio::AudioEncoder> audio;
   text::CacheOptions text_options;
 
-  Models(const EngineConfig& c) : files(ModelFiles::locate(c)) {
+  Models(const EngineConfig& c, ParallelSetup parallel_setup)
+      : files(ModelFiles::locate(c)), setup(std::move(parallel_setup)) {
     c10::NoGradGuard no_grad;
-    const c10::Device device = parse_device(c.device);
-    if (c.precision != "fp32" && c.precision != "bf16" && c.precision != "fp8")
-      throw Error("precision must be fp32, bf16 or fp8, got " + c.precision);
+    const c10::Device device = setup.config.devices().front();  // rank 0's: VAE, audio and text encoders too
 
     dit_config = dit::ModelConfig::from_json_file(files.dit_config);
     dit_config.validate();
     // Built directly on its device in its dtype and read tensor by tensor (no random values first, host memory
     // near the largest tensor), the LoRA merged per tensor.
-    dit::LoadOptions lo;
-    lo.device = device;
-    lo.precision = dit::parse_precision(c.precision);
-    if (!files.lora.empty()) {
-      // The published LoRA is r = 128, alpha = 64. The file does not say so; the rank is in the tensors, and the
-      // scale alpha / r = 0.5 is kept for any rank (a tiny test checkpoint uses r = 4, alpha = 2).
-      const auto lora = weights::load_safetensors(files.lora);  // header only: the tensors stay mapped
-      for (const auto& kv : lora.tensors)
-        if (kv.first.find("lora_A") != std::string::npos && kv.second.dim() == 2) {
-          lo.lora_options.rank = kv.second.size(0);
-          break;
-        }
-      lo.lora_options.alpha = 0.5 * static_cast<double>(lo.lora_options.rank);
-      lo.lora = files.lora;
-    }
-    dit = std::make_unique<dit::Model>(dit_config, exists(files.dit_index) ? files.dit_index : files.dit_single, lo);
+    const auto& pc = setup.config;
+    // Stage: each local rank its layers. Step: one whole DiT shared by the local ranks when they share a device
+    // (a Model is immutable), else one copy per rank's device.
+    bool one_device = true;
+    for (const auto& d : pc.devices()) one_device = one_device && d == pc.devices().front();
+    const bool per_rank = setup.local_ranks && (pc.plan() == parallel::Plan::kStage ||
+                                                (pc.plan() == parallel::Plan::kStep && !one_device));
+    const int held = per_rank ? pc.world_size() : 1;
+    for (int r = 0; r < held; ++r) dits.push_back(load_rank_dit(c, files, dit_config, pc.with_rank(r)));
 
     auto vae_ckpt = weights::load_pth(files.vae);
     vae = std::make_unique<vae::WanVae>(infer_vae_config(vae_ckpt, files.vae), device, c10::kFloat);
@@ -196,75 +341,23 @@ struct Models {
   }
 };
 
-// Bytes the host can still give (MemAvailable of /proc/meminfo); 0 when it cannot be read.
-uint64_t host_available_bytes() {
-  std::ifstream meminfo("/proc/meminfo");
-  std::string key, unit;
-  uint64_t kib = 0;
-  while (meminfo >> key >> kib) {
-    std::getline(meminfo, unit);
-    if (key == "MemAvailable:") return kib * 1024;
-  }
-  return 0;
-}
-
-// The memory planner's verdict for this configuration, from config.json alone (no weight file is opened): a
-// refusal is an Error that names the shortfall and what would fit. The output is planned at the configured size, or
-// at the largest one max-area allows (the reference aspect of upstream) when the size comes from the portrait.
-void check_memory(const EngineConfig& c, const ModelFiles& files) {
-  runtime::PlanRequest request;
-  const int64_t max_area = c.max_area > 0 ? c.max_area : kDefaultMaxArea;
-  const Size size = c.width > 0 && c.height > 0 ? Size{c.width, c.height} : model_output_size(384, 704, max_area);
-  request.width = size.width;
-  request.height = size.height;
-  request.weights = runtime::parse_precision(c.precision);
-  request.parallel = runtime::Parallel::kSingle;
-  // The companions' sizes from their files' sizes (stat only: fp32 VAE and wav2vec2, bf16 umT5 as published).
-  auto file_bytes = [](const std::string& path) -> uint64_t {
-    struct stat st {};
-    return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : 0;
-  };
-  request.companions.vae_parameters = file_bytes(files.vae) / 4;
-  uint64_t w2v = file_bytes(files.wav2vec2 + "/model.safetensors");
-  if (w2v == 0) w2v = file_bytes(files.wav2vec2 + "/pytorch_model.bin");
-  request.companions.audio_encoder_parameters = w2v / 4;
-  request.companions.text_encoder_parameters = file_bytes(files.t5) / 2;
-  uint64_t budget = c.memory_budget;
-  const c10::Device device = parse_device(c.device);
-  if (budget == 0) {
-    // What the device has: its free memory less the CUDA context and library handles (the planner's reserve), or
-    // the host's available memory.
-    if (device.is_cuda()) {
-      const uint64_t total = cuda::device_info(device.index()).total_bytes;
-      budget = total > runtime::kDefaultContextReserve ? total - runtime::kDefaultContextReserve : 0;
-    } else {
-      budget = host_available_bytes();
-    }
-    if (budget == 0) return;        // no /proc/meminfo: nothing to check against
-  }
-  request.devices = {runtime::Device{device.str(), budget}};
-  runtime::Decision decision;
-  try {
-    decision = runtime::decide_for_checkpoint(files.base, request);
-  } catch (const runtime::PlanError& e) {
-    throw Error(std::string("backend=liveavatar cannot plan its memory: ") + e.what());
-  }
-  if (!decision.fits)
-    throw Error("backend=liveavatar does not fit in memory at " + std::to_string(size.width) + "x" +
-                std::to_string(size.height) + ": " + decision.message +
-                " (a smaller width/height or max-area, another precision, or more memory-budget would fit; "
-                "nothing was loaded)");
-}
-
-// One Models per (files, precision, device), kept while any engine uses it.
+// One Models per (files, precision, devices, plan), kept while any engine uses it.
 std::shared_ptr<Models> shared_models(const EngineConfig& c) {
   static std::mutex mutex;
   static std::map<std::string, std::weak_ptr<Models>> cache;
-  const std::string key = c.model_dir + "\n" + c.lora + "\n" + c.precision + "\n" + c.device;
+  if (c.device != "cpu" && c.device.rfind("cuda", 0) != 0)
+    throw Error("device must be cpu, cuda or cuda:N, got " + c.device);
+  if (c.precision != "fp32" && c.precision != "bf16" && c.precision != "fp8")
+    throw Error("precision must be fp32, bf16 or fp8, got " + c.precision);
+  const std::string key = c.model_dir + "\n" + c.lora + "\n" + c.precision + "\n" + c.device + "\n" + c.devices +
+                          "\n" + c.parallel + "\n" + c.rendezvous + "\n" + std::to_string(c.parallel_timeout_ms) +
+                          "\n" + std::to_string(c.memory_budget) + "\n" + std::to_string(c.max_area) + "\n" +
+                          std::to_string(c.width) + "x" + std::to_string(c.height);
   std::lock_guard<std::mutex> lock(mutex);
   if (auto m = cache[key].lock()) return m;
-  check_memory(c, ModelFiles::locate(c));  // before any weight file is read
-  auto m = std::make_shared<Models>(c);
+  const auto files = ModelFiles::locate(c);
+  auto setup = ParallelSetup::resolve(c, files);  // the memory planner decides before any weight file is read
+  auto m = std::make_shared<Models>(c, std::move(setup));
   cache[key] = m;
   return m;
 }
@@ -286,7 +379,37 @@ class LiveAvatarBackend final : public Backend {
       throw Error("backend=liveavatar runs at 16000 Hz audio and 25 fps video");
     text::EmbeddingCache cache(models_->text_options);
     text_context_ = cache.get_or_compute(config.prompt).to(at::kFloat);  // the encoder is freed with `cache`
+    if (parallel()) connect();  // workers that do not come fail the start, not the first block
     reset();
+  }
+
+  ExecutionPlan execution_plan() const override {
+    const auto& setup = models_->setup;
+    ExecutionPlan p;
+    p.parallel = parallel::plan_name(setup.config.plan());
+    p.precision = config_.precision;
+    p.kv_precision = runtime::to_string(setup.plan.kv);
+    p.rendezvous = config_.rendezvous;
+    std::string bytes;
+    for (size_t r = 0; r < setup.config.devices().size(); ++r) {
+      DevicePlan d;
+      d.device = setup.config.devices()[r].str();
+      if (r < setup.plan.devices.size()) {
+        d.role = setup.plan.devices[r].role;
+        d.bytes = setup.plan.devices[r].total();
+        d.free_bytes = setup.checked ? setup.plan.devices[r].free_bytes : 0;
+      }
+      bytes += (bytes.empty() ? "" : ", ") + d.device + " " + runtime::gib(d.bytes);
+      p.devices.push_back(std::move(d));
+    }
+    p.summary = p.parallel + (setup.config.world_size() > 1 ? " x" + std::to_string(setup.config.world_size()) : "") +
+                ": " + bytes + " (DiT " + p.precision + ", KV " + p.kv_precision + ", " +
+                (setup.checked ? "checked against free memory" : "free memory unknown, not checked") + "; " +
+                (setup.config.world_size() == 1 ? std::string("one rank")
+                 : setup.local_ranks            ? std::string("ranks as threads of this process")
+                                                : "ranks 1.. are workers joining " + config_.rendezvous) +
+                ")";
+    return p;
   }
 
   void set_reference(const RgbImage& image, Size output, std::vector<std::string>* warnings) override {
@@ -311,11 +434,11 @@ class LiveAvatarBackend final : public Backend {
 
   void set_output_size(Size output) override {
     check_size(output);
-    if (session_ && session_->blocks_done() > 0 && (output.width != size_.width || output.height != size_.height))
+    if (blocks_done() > 0 && (output.width != size_.width || output.height != size_.height))
       throw Error("backend=liveavatar cannot change the output size in the middle of a stream");
     if (output.width != size_.width || output.height != size_.height) encoded_.reset();
     size_ = output;
-    session_.reset();  // conditioned lazily, at the first audio, so negotiation does not encode twice
+    drop_stream();  // conditioned lazily, at the first audio, so negotiation does not encode twice
   }
 
   FaceLayout face_layout() const override {
@@ -362,7 +485,7 @@ class LiveAvatarBackend final : public Backend {
 
   // A new stream with the same picture and size keeps its encoded conditioning (VAE latents, primed decoder).
   void reset() override {
-    session_.reset();
+    drop_stream();
     decoder_.reset();
     audio::StreamOptions so;
     so.min_frames = block_frames();
@@ -383,6 +506,44 @@ class LiveAvatarBackend final : public Backend {
   };
 
   int64_t block_frames() const { return 4 * models_->dit_config.frames_per_block; }
+
+  // The DiT of rank 0: the whole model (single, step) or its first layers (stage).
+  const dit::Model& dit() const { return *models_->dits.front(); }
+  bool parallel() const { return models_->setup.config.world_size() > 1; }
+  bool conditioned() const { return session_ || conditioned_; }
+  int64_t blocks_done() const {
+    return session_ ? session_->blocks_done() : conditioned_ && world_ ? world_->leader().blocks_done() : 0;
+  }
+  void drop_stream() {
+    session_.reset();
+    conditioned_ = false;
+  }
+
+  // A call into the world of ranks; when it breaks the world (a rank died, hung or erred), the world is taken down
+  // at once, so the rendezvous port is free for the ranks' next attempt, and the next stream builds a new one.
+  template <typename F>
+  void on_world(F&& call) {
+    try {
+      call();
+    } catch (...) {
+      if (world_ && !world_->broken().empty()) {
+        conditioned_ = false;
+        world_.reset();
+      }
+      throw;
+    }
+  }
+
+  // The world of ranks (parallel plans): local ranks are threads with their models; remote ones join rank 0's
+  // rendezvous. A failed transfer breaks it; the next stream builds a new one.
+  void connect() {
+    world_.reset();
+    const Models& m = *models_;
+    world_ = std::make_unique<parallel::World>(
+        m.setup.config,
+        [&m](int rank) -> const dit::Model& { return *m.dits[m.dits.size() == 1 ? 0 : static_cast<size_t>(rank)]; },
+        m.setup.local_ranks);
+  }
   int64_t pending_frames() const { return features_.defined() ? features_.size(2) : 0; }
 
   void append_features(const at::Tensor& f) {
@@ -438,7 +599,7 @@ class LiveAvatarBackend final : public Backend {
   }
 
   void condition() {
-    if (session_) return;
+    if (conditioned()) return;
     if (!encoded_) encode_reference();
     throw_if_cancelled();
     dit::SessionOptions so;
@@ -446,12 +607,19 @@ class LiveAvatarBackend final : public Backend {
     so.rope_seed = config_.seed;
     if (seams_) so.rope_offsets = seams_->rope_offsets;
     so.cancelled = [this] { return cancel_ && cancel_->load(); };  // checked between denoising steps
-    auto session = std::make_unique<dit::Session>(*models_->dit, so);
-    const auto dtype = models_->dit->dtype();
-    session->set_condition(encoded_->ref_latent.to(dtype), encoded_->motion.to(dtype),
-                           text_context_.to(models_->dit->device(), dtype));
+    const auto dtype = dit().dtype();
+    const auto ref = encoded_->ref_latent.to(dtype), motion = encoded_->motion.to(dtype);
+    const auto text = text_context_.to(dit().device(), dtype);
+    if (parallel()) {
+      if (!world_ || !world_->broken().empty()) connect();
+      on_world([&] { world_->leader().set_condition(ref, motion, text, so); });
+      conditioned_ = true;
+    } else {
+      auto session = std::make_unique<dit::Session>(dit(), so);
+      session->set_condition(ref, motion, text);
+      session_ = std::move(session);
+    }
     decoder_ = std::make_unique<vae::StreamingDecoder>(encoded_->primed->fork());
-    session_ = std::move(session);
   }
 
   // A block whose decode and copy to the host are queued (on a GPU: on the VAE's stream, while the next block's
@@ -464,24 +632,37 @@ class LiveAvatarBackend final : public Backend {
 
   void run_blocks(bool at_end) {
     const int64_t n = block_frames();
+    // The stage plan keeps one block per stage in flight when the audio of several is here (a slow model's backlog,
+    // or the end of a file), so every rank works; one block at a time otherwise.
+    const size_t batch = models_->setup.config.plan() == parallel::Plan::kStage
+                             ? static_cast<size_t>(models_->setup.config.world_size())
+                             : 1;
     std::optional<DecodingBlock> decoding;
     try {
       while (pending_frames() >= n || (at_end && pending_frames() > 0)) {
         // A block takes long on real weights: a flush or a stop must not wait for the rest of the audio.
         throw_if_cancelled();
-        at::Tensor audio = features_.narrow(2, 0, std::min(n, pending_frames()));
-        features_ = pending_frames() > n ? features_.narrow(2, n, pending_frames() - n).contiguous() : at::Tensor();
-        if (audio.size(2) < n)
-          audio = at::cat({audio, at::zeros({audio.size(0), audio.size(1), n - audio.size(2)})}, 2);
-        // To a GPU from pinned memory without waiting (LibTorch's host allocator keeps the buffer until the copy).
-        const auto dev = models_->dit->device();
-        audio = audio.to(models_->dit->dtype());
-        audio = dev.is_cuda() ? audio.pin_memory().to(dev, /*non_blocking=*/true) : audio;
-        const auto block = session_->generate_block(audio);
-        // The previous block's frames were decoded while this block's DiT ran.
-        if (decoding) take_frames(*decoding);
-        decoding = DecodingBlock{};
-        decode_async(block.latents, session_->blocks_done() - 1, *decoding);
+        std::vector<at::Tensor> inputs;
+        while (inputs.size() < batch && (pending_frames() >= n || (at_end && pending_frames() > 0))) {
+          at::Tensor audio = features_.narrow(2, 0, std::min(n, pending_frames()));
+          features_ = pending_frames() > n ? features_.narrow(2, n, pending_frames() - n).contiguous() : at::Tensor();
+          if (audio.size(2) < n)
+            audio = at::cat({audio, at::zeros({audio.size(0), audio.size(1), n - audio.size(2)})}, 2);
+          // To a GPU from pinned memory without waiting (LibTorch's host allocator keeps the buffer until the copy).
+          const auto dev = dit().device();
+          audio = audio.to(dit().dtype());
+          inputs.push_back(dev.is_cuda() ? audio.pin_memory().to(dev, /*non_blocking=*/true) : audio);
+        }
+        std::vector<dit::BlockResult> blocks;
+        if (session_) blocks.push_back(session_->generate_block(inputs.front()));
+        else on_world([&] { blocks = world_->leader().generate_blocks(inputs); });
+        const int64_t first = blocks_done() - static_cast<int64_t>(blocks.size());
+        for (size_t i = 0; i < blocks.size(); ++i) {
+          // The previous block's frames were decoded while this block's DiT ran.
+          if (decoding) take_frames(*decoding);
+          decoding = DecodingBlock{};
+          decode_async(blocks[i].latents, first + static_cast<int64_t>(i), *decoding);
+        }
       }
     } catch (...) {
       // Frames already generated are kept (a cancelled or failed block loses only itself).
@@ -544,7 +725,9 @@ class LiveAvatarBackend final : public Backend {
   RgbImage reference_;
   Size size_;
   std::unique_ptr<Encoded> encoded_;
-  std::unique_ptr<dit::Session> session_;  // null until conditioned for the current stream
+  std::unique_ptr<dit::Session> session_;  // single: null until conditioned for the current stream
+  std::unique_ptr<parallel::World> world_;  // step, stage: rank 0 and the ranks it drives
+  bool conditioned_ = false;                // step, stage: the world holds the current stream's conditioning
   std::unique_ptr<vae::StreamingDecoder> decoder_;
   std::unique_ptr<cuda::SideStream> vae_stream_;  // the VAE decode beside the DiT (created on first use)
   std::unique_ptr<audio::AudioStream> stream_;
@@ -564,6 +747,68 @@ std::unique_ptr<Backend> make_liveavatar_backend(const EngineConfig& config) {
 
 namespace neural {
 void set_test_seams(std::shared_ptr<const TestSeams> seams) { test_seams() = std::move(seams); }
+
+void run_worker(const EngineConfig& c, const WorkerOptions& options) {
+  c10::NoGradGuard no_grad;
+  auto log = [&](const std::string& line) {
+    if (options.log) options.log("rank " + std::to_string(options.rank) + ": " + line);
+  };
+  if (c.parallel != "step" && c.parallel != "stage")
+    throw Error("a worker runs a rank of parallel=step or parallel=stage, got parallel=" + c.parallel +
+                " (auto is decided by rank 0 from its memory: give the worker the plan rank 0 posted)");
+  if (c.rendezvous.empty())
+    throw Error("a worker needs rendezvous=host:port, the address where rank 0 (the element or tool with the same "
+                "rendezvous setting) hosts the store");
+  if (c.precision != "fp32" && c.precision != "bf16" && c.precision != "fp8")
+    throw Error("precision must be fp32, bf16 or fp8, got " + c.precision);
+  parallel::ParallelConfig pc;
+  try {
+    pc = parallel::ParallelConfig(parallel::parse_plan(c.parallel), parallel::parse_devices(c.devices),
+                                  options.rank, parallel::parse_endpoint(c.rendezvous),
+                                  std::chrono::milliseconds(c.parallel_timeout_ms));
+  } catch (const parallel::ParallelError& e) {
+    throw Error(e.what());
+  }
+  if (pc.is_first())
+    throw Error("rank 0 is the engine (the element or a tool with rendezvous set); a worker is rank 1 to " +
+                std::to_string(pc.world_size() - 1));
+  const auto files = ModelFiles::locate(c);
+  auto dit_config = dit::ModelConfig::from_json_file(files.dit_config);
+  dit_config.validate();
+  const auto model = load_rank_dit(c, files, dit_config, pc);
+  log("loaded " + (pc.plan() == parallel::Plan::kStage
+                       ? "layers [" + std::to_string(model->first_layer()) + ", " +
+                             std::to_string(model->last_layer()) + ")"
+                       : std::string("the whole DiT")) +
+      " of " + files.base + " on " + pc.device().str());
+  bool waiting_said = false;  // "waiting for rank 0" once per wait, not every round
+  for (;;) {
+    if (options.stop && options.stop()) return;
+    try {
+      parallel::Rendezvous rv;
+      try {
+        // Short rounds, so a worker notices rank 0's new world soon after it opens.
+        rv = parallel::Rendezvous::open(pc, std::chrono::milliseconds(1000));
+      } catch (const parallel::ParallelError&) {
+        if (!waiting_said) log("waiting for rank 0 at " + c.rendezvous);
+        waiting_said = true;
+        continue;
+      }
+      waiting_said = false;
+      auto channels = parallel::connect_channels(pc, rv);
+      log("joined " + pc.describe());
+      parallel::follow(pc, rv, *channels.pipeline, channels.back.get(), *model);
+      log("rank 0 stopped the world");
+      if (options.once) return;
+      // Wait for rank 0's store to go away before joining again, so the next world is a new one.
+      std::string ignored;
+      while (!(options.stop && options.stop())) rv.poll("driver/never", std::chrono::milliseconds(200), &ignored);
+    } catch (const parallel::ParallelError& e) {
+      if (options.once) throw Error(e.what());
+      log(std::string(e.what()) + "; joining again");
+    }
+  }
+}
 }  // namespace neural
 
 bool register_neural_backend() {

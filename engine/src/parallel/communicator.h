@@ -27,8 +27,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "parallel/config.h"
@@ -39,11 +42,19 @@ namespace liveavatar::parallel {
 /// the others connect to it, retrying until the config's timeout.
 class Rendezvous {
  public:
-  /// Rank 0: listens on config.rendezvous() (port 0: a free one, see port()); rank > 0: connects to it.
-  static Rendezvous open(const ParallelConfig& config);
+  /// Rank 0: listens on config.rendezvous() (port 0: a free one, see port()); rank > 0: connects to it, trying for
+  /// `connect_timeout` (default: the config's timeout; a worker waiting for rank 0 tries in short rounds).
+  static Rendezvous open(const ParallelConfig& config,
+                         std::optional<std::chrono::milliseconds> connect_timeout = std::nullopt);
   /// The port the store listens on (rank 0: the one it got for port 0).
   uint16_t port() const;
   const ParallelConfig& config() const;
+
+  /// Small values in the store (rank 0's commands to the other ranks, see driver.h): `key` = `value`.
+  void post(const std::string& key, const std::string& value) const;
+  /// The value of `key` once some rank has posted it; false when it is still unset after `timeout`. Throws
+  /// ParallelError when the store is gone (rank 0 ended or its host is unreachable).
+  bool poll(const std::string& key, std::chrono::milliseconds timeout, std::string* value) const;
 
   struct Impl;
   std::shared_ptr<Impl> impl() const { return impl_; }
@@ -83,6 +94,14 @@ class Communicator {
 
   /// Empty while usable; otherwise the error that broke it.
   virtual std::string broken() const = 0;
+
+  /// Tensor bytes this rank has sent / received point to point (envelopes not counted): the traffic per hop.
+  uint64_t bytes_sent() const { return bytes_sent_; }
+  uint64_t bytes_received() const { return bytes_received_; }
+
+ protected:
+  std::atomic<uint64_t> bytes_sent_{0};
+  std::atomic<uint64_t> bytes_received_{0};
 };
 
 /// The Gloo communicator of config.rank() over `rendezvous` (c10d::ProcessGroupGloo, TCP on the interface that

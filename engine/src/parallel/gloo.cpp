@@ -14,6 +14,7 @@
 #include <cctype>
 #include <chrono>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "parallel/communicator.h"
@@ -137,6 +138,7 @@ class GlooCommunicator final : public Communicator {
     const auto data = tensor.contiguous();
     p2p(/*is_send=*/true, envelope_of(data), to, kEnvelopeTag, op, timeout, t0);
     p2p(/*is_send=*/true, data, to, kDataTag, op, timeout, t0);
+    bytes_sent_ += data.nbytes();
   }
 
   void recv(at::Tensor& into, int from, Duration timeout) override {
@@ -149,6 +151,7 @@ class GlooCommunicator final : public Communicator {
     p2p(/*is_send=*/false, envelope, from, kEnvelopeTag, op, timeout, t0);
     check_envelope(envelope, into, op, from);
     p2p(/*is_send=*/false, into, from, kDataTag, op, timeout, t0);
+    bytes_received_ += into.nbytes();
   }
 
   void broadcast(at::Tensor& tensor, int root, Duration timeout) override {
@@ -388,7 +391,7 @@ class GlooCommunicator final : public Communicator {
 
 }  // namespace
 
-Rendezvous Rendezvous::open(const ParallelConfig& config) {
+Rendezvous Rendezvous::open(const ParallelConfig& config, std::optional<std::chrono::milliseconds> connect_timeout) {
   auto impl = std::make_shared<Impl>();
   impl->config = config;
   const auto& ep = config.rendezvous();
@@ -398,7 +401,7 @@ Rendezvous Rendezvous::open(const ParallelConfig& config) {
   options.isServer = config.is_first();
   options.numWorkers = static_cast<size_t>(config.world_size());
   options.waitWorkers = false;  // rank 0 returns at once; the communicator waits for the others
-  options.timeout = config.timeout();
+  options.timeout = connect_timeout && !config.is_first() ? *connect_timeout : config.timeout();
   if (!config.is_first() && ep.port == 0)
     throw ParallelError("rank " + std::to_string(config.rank()) + " needs the port rank 0 listens on, not 0: "
                         "give it rank 0's Rendezvous::port() in parallel-rendezvous");
@@ -406,6 +409,7 @@ Rendezvous Rendezvous::open(const ParallelConfig& config) {
   try {
     auto store = c10::make_intrusive<c10d::TCPStore>(ep.host, options);
     impl->port = store->getPort();
+    store->setTimeout(config.timeout());  // every later store call waits the configured time
     impl->store = store;
   } catch (const std::exception& e) {
     if (config.is_first())
@@ -425,6 +429,39 @@ Rendezvous Rendezvous::open(const ParallelConfig& config) {
 uint16_t Rendezvous::port() const { return impl_->port; }
 
 const ParallelConfig& Rendezvous::config() const { return impl_->config; }
+
+void Rendezvous::post(const std::string& key, const std::string& value) const {
+  try {
+    impl_->store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
+  } catch (const std::exception& e) {
+    throw ParallelError("rank " + std::to_string(impl_->config.rank()) + " could not write \"" + key +
+                        "\" to the rendezvous: " + first_line(e.what()) + "; restart every rank");
+  }
+}
+
+// Polls with check() (no blocking call that would hold the store client's connection): a command waits at most a
+// few milliseconds more than it would with wait(), against DiT blocks of a second or more.
+bool Rendezvous::poll(const std::string& key, std::chrono::milliseconds timeout, std::string* value) const {
+  const auto deadline = Clock::now() + timeout;
+  auto pause = std::chrono::microseconds(200);
+  try {
+    while (true) {
+      if (impl_->store->check({key})) {
+        const auto bytes = impl_->store->get(key);
+        if (value) value->assign(bytes.begin(), bytes.end());
+        return true;
+      }
+      if (Clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(pause);
+      pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(5));
+    }
+  } catch (const std::exception& e) {
+    const auto& ep = impl_->config.rendezvous();
+    throw ParallelError("rank " + std::to_string(impl_->config.rank()) + " lost the rendezvous at " + ep.host + ":" +
+                        std::to_string(impl_->port) + " (rank 0 ended or its host is unreachable): " +
+                        first_line(e.what()));
+  }
+}
 
 std::unique_ptr<Communicator> connect_gloo(const ParallelConfig& config, const Rendezvous& rendezvous,
                                            const std::string& group) {

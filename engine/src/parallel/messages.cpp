@@ -72,18 +72,18 @@ std::vector<at::Tensor> recv_tensors(Communicator& comm, int from) {
   return out;
 }
 
-void send_block_inputs(Communicator& comm, const dit::BlockInputs& in, int to) {
-  const auto ints = at::tensor(std::vector<int64_t>{in.window.start, in.window.active, in.frames, in.hp, in.wp},
-                               at::kLong);
+void send_block_inputs(Communicator& comm, const dit::BlockInputs& in, int to, int64_t step) {
+  const auto ints = at::tensor(
+      std::vector<int64_t>{in.window.start, in.window.active, in.frames, in.hp, in.wp, step}, at::kLong);
   send_tensors(comm,
                {in.hidden, in.e, in.e0, in.audio_global, in.audio_local, in.rope.cos, in.rope.sin, in.cond_rope.cos,
                 in.cond_rope.sin, ints},
                to);
 }
 
-dit::BlockInputs recv_block_inputs(Communicator& comm, int from, c10::Device device) {
+dit::BlockInputs recv_block_inputs(Communicator& comm, int from, c10::Device device, int64_t* step) {
   auto t = recv_tensors(comm, from);
-  if (t.size() != 10)
+  if (t.size() != 10 || t[9].numel() != 6)
     throw ParallelError("rank " + std::to_string(comm.rank()) + " expected block inputs from rank " +
                         std::to_string(from) + " and got " + std::to_string(t.size()) +
                         " tensors: the ranks are out of step; restart every rank");
@@ -102,6 +102,7 @@ dit::BlockInputs recv_block_inputs(Communicator& comm, int from, c10::Device dev
   in.frames = v[2];
   in.hp = v[3];
   in.wp = v[4];
+  if (step) *step = v[5];
   return in;
 }
 

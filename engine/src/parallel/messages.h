@@ -17,9 +17,9 @@ void send_tensors(Communicator& comm, const std::vector<at::Tensor>& tensors, in
 /// Receives what send_tensors sent from rank `from`, on comm.device().
 std::vector<at::Tensor> recv_tensors(Communicator& comm, int from);
 
-/// The per-call inputs of a layer range, as the next stage needs them.
-void send_block_inputs(Communicator& comm, const dit::BlockInputs& in, int to);
-dit::BlockInputs recv_block_inputs(Communicator& comm, int from, c10::Device device);
+/// The per-call inputs of a layer range, as the next stage needs them, with the denoising step they belong to.
+void send_block_inputs(Communicator& comm, const dit::BlockInputs& in, int to, int64_t step = 0);
+dit::BlockInputs recv_block_inputs(Communicator& comm, int from, c10::Device device, int64_t* step = nullptr);
 
 /// The conditioning tokens on their way through the layers (sink prefill).
 void send_sink_inputs(Communicator& comm, const dit::SinkInputs& in, int to);

@@ -5,9 +5,18 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <thread>
+
 #include "parallel/messages.h"
 
 namespace liveavatar::parallel {
+
+class VelocityReceiver;
 
 struct RankSession::State {
   dit::StreamState stream;               // this rank's layers: text K/V, sink K/V, rings
@@ -20,6 +29,73 @@ struct RankSession::State {
   // Rank 0 (and, for step, every rank: each prefills its own sink).
   at::Tensor ref, motion, refresh_motion;
   at::Tensor clip_noise;
+  int64_t noise_clip = -1;   // the clip clip_noise was drawn for
+  double busy = 0;           // seconds computing
+  std::unique_ptr<VelocityReceiver> receiver;  // rank 0, pipelined stage plan
+};
+
+// Rank 0's receiver of the stage plan's velocities on the return channel, on a thread of its own: rank 0 sends the
+// next item down the pipeline while the last stage sends a velocity back, and Gloo's transfers wait for the
+// matching call on the other side. It posts a receive only for a velocity that is on its way (expect()), so an idle
+// stream never runs into the timeout.
+class VelocityReceiver {
+ public:
+  VelocityReceiver(Communicator& back, int from) : back_(back), from_(from), thread_([this] { run(); }) {}
+  ~VelocityReceiver() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();  // a receive in progress ends within the communicator's timeout
+  }
+  void expect() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++expected_;
+    }
+    cv_.notify_all();
+  }
+  at::Tensor next() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !ready_.empty() || error_; });
+    if (!ready_.empty()) {
+      auto v = std::move(ready_.front());
+      ready_.pop_front();
+      return v;
+    }
+    std::rethrow_exception(error_);
+  }
+
+ private:
+  void run() {
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || (expected_ > 0 && !error_); });
+        if (stop_) return;
+        --expected_;
+      }
+      try {
+        auto v = recv_tensors(back_, from_).at(0);
+        std::lock_guard<std::mutex> lock(mu_);
+        ready_.push_back(std::move(v));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        error_ = std::current_exception();
+      }
+      cv_.notify_all();
+    }
+  }
+  Communicator& back_;
+  const int from_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int64_t expected_ = 0;
+  std::deque<at::Tensor> ready_;
+  std::exception_ptr error_;
+  bool stop_ = false;
+  std::thread thread_;  // last: starts once the rest is built
 };
 
 namespace {
@@ -36,8 +112,16 @@ at::Tensor scalar_long(int64_t v) { return at::full({1}, v, at::kLong); }
 }  // namespace
 
 RankSession::RankSession(const ParallelConfig& config, Communicator& comm, const dit::Model& model,
-                         dit::SessionOptions options)
-    : config_(config), comm_(comm), model_(model), options_(std::move(options)), state_(std::make_unique<State>()) {
+                         dit::SessionOptions options, Communicator* back)
+    : config_(config),
+      comm_(comm),
+      model_(model),
+      options_(std::move(options)),
+      back_(back),
+      state_(std::make_unique<State>()) {
+  if (back_ && (back_->rank() != config_.rank() || back_->world_size() != config_.world_size() || back_ == &comm_))
+    throw ParallelError("the return channel must be a second communicator of the same world (rank " +
+                        std::to_string(config_.rank()) + " of " + std::to_string(config_.world_size()) + ")");
   if (comm_.rank() != config_.rank() || comm_.world_size() != config_.world_size())
     throw ParallelError("the communicator is rank " + std::to_string(comm_.rank()) + " of " +
                         std::to_string(comm_.world_size()) + ", the config rank " + std::to_string(config_.rank()) +
@@ -87,6 +171,8 @@ void RankSession::check_model() const {
 
 int64_t RankSession::blocks_done() const { return state_->block; }
 
+double RankSession::busy_seconds() const { return state_->busy; }
+
 void RankSession::set_refresh_motion(const at::Tensor& motion_latents) { state_->refresh_motion = motion_latents; }
 
 // The same offsets dit::Session draws: recorded ones first, then splitmix64 of the seed and the call index.
@@ -109,6 +195,8 @@ void RankSession::set_condition(const at::Tensor& ref_latent, const at::Tensor& 
   if (config_.plan() == Plan::kStep) step_set_condition(ref_latent, motion_latents, text_context);
   else stage_set_condition(ref_latent, motion_latents, text_context);
   state_->block = 0;
+  state_->noise_clip = -1;
+  state_->busy = 0;
   state_->ready = true;
 }
 
@@ -298,6 +386,142 @@ dit::BlockResult RankSession::stage_block(const at::Tensor& audio) {
     }
   }
   return result;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Several blocks: pipelined under stage with a return channel (see plans.h), else one after the other
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+}  // namespace
+
+bool RankSession::refresh_before(int64_t block) const {
+  const auto& cfg = model_.config();
+  return options_.roll_sink && block == cfg.clip_frames / cfg.frames_per_block;  // the first block of clip 1
+}
+
+std::vector<dit::BlockResult> RankSession::generate_blocks(const std::vector<at::Tensor>& audio) {
+  at::NoGradGuard no_grad;
+  if (!state_->ready) throw ParallelError("generate_blocks before set_condition: the sink must be prefilled first");
+  std::vector<dit::BlockResult> out;
+  const bool pipelined = config_.plan() == Plan::kStage && back_ && config_.world_size() > 1;
+  if (!pipelined) {
+    for (const auto& a : audio) out.push_back(generate_block(a));
+    return out;
+  }
+  if (config_.is_first())
+    for (const auto& a : audio)
+      if (!a.defined()) throw ParallelError("rank 0 needs the audio features of every block");
+  auto& st = *state_;
+  for (size_t i = 0; i < audio.size();) {
+    // A batch never runs across the sink refresh: the blocks before it attend to the old sink.
+    size_t j = i + 1;
+    while (j < audio.size() && !refresh_before(st.block + static_cast<int64_t>(j - i))) ++j;
+    if (refresh_before(st.block)) {
+      if (config_.is_first() && st.refresh_motion.defined()) st.motion = st.refresh_motion;
+      const auto t0 = Clock::now();
+      stage_prefill(st.ref, st.motion);
+      st.busy += seconds_since(t0);  // mostly compute (the prefill is a short pass)
+    }
+    if (config_.is_first()) {
+      auto part = stage_pipeline_first(std::vector<at::Tensor>(audio.begin() + static_cast<std::ptrdiff_t>(i),
+                                                               audio.begin() + static_cast<std::ptrdiff_t>(j)));
+      for (auto& r : part) out.push_back(std::move(r));
+    } else {
+      stage_pipeline_follow(j - i);
+      out.resize(j);
+    }
+    st.block += static_cast<int64_t>(j - i);
+    i = j;
+  }
+  return out;
+}
+
+std::vector<dit::BlockResult> RankSession::stage_pipeline_first(const std::vector<at::Tensor>& audio) {
+  auto& st = *state_;
+  const auto& cfg = model_.config();
+  const int world = config_.world_size();
+  const int64_t per_clip = cfg.clip_frames / cfg.frames_per_block;
+  const size_t k_blocks = audio.size();
+  if (!st.receiver) st.receiver = std::make_unique<VelocityReceiver>(*back_, world - 1);
+  std::vector<dit::BlockResult> results(k_blocks);
+  std::vector<at::Tensor> latents(k_blocks), a(k_blocks);
+  std::vector<int64_t> current(k_blocks);
+  for (size_t k = 0; k < k_blocks; ++k) {
+    const int64_t block = st.block + static_cast<int64_t>(k);
+    const int64_t clip = block / per_clip, in_clip = block % per_clip;
+    if (clip != st.noise_clip) {  // the same seeded draw per clip as dit::Session
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(options_.seed + static_cast<uint64_t>(clip));
+      st.clip_noise = at::randn({cfg.in_dim, cfg.clip_frames, st.ref.size(2), st.ref.size(3)}, gen,
+                                at::TensorOptions().dtype(model_.dtype()));
+      st.noise_clip = clip;
+    }
+    latents[k] = st.clip_noise.slice(1, in_clip * cfg.frames_per_block, (in_clip + 1) * cfg.frames_per_block)
+                     .to(model_.device());
+    a[k] = audio[k].dim() == 3 ? audio[k].unsqueeze(0) : audio[k];
+    current[k] = block * cfg.frames_per_block * st.frame_tokens;
+  }
+  // (k, s): embeddings and this rank's layers, then down the pipeline; its velocity comes back on the receiver.
+  auto issue = [&](size_t k, int64_t s) {
+    const auto t0 = Clock::now();
+    const int64_t offset = rope_offset((st.block + static_cast<int64_t>(k)) * cfg.sampling_steps + s);
+    results[k].rope_offsets.push_back(offset);
+    const double t = st.schedule.timesteps[s].item<double>();
+    auto in = model_.prepare(latents[k], t, a[k], st.segments, current[k], offset, st.capacity);
+    model_.run_layers(in, st.stream, s);
+    st.busy += seconds_since(t0);
+    st.receiver->expect();
+    send_block_inputs(comm_, in, 1, s);
+  };
+  std::deque<std::pair<size_t, int64_t>> in_flight;
+  for (size_t k = 0; k < k_blocks; ++k) {
+    issue(k, 0);
+    in_flight.emplace_back(k, 0);
+  }
+  while (!in_flight.empty()) {
+    const auto [k, s] = in_flight.front();
+    in_flight.pop_front();
+    const auto velocity = st.receiver->next().to(model_.device());
+    const auto t0 = Clock::now();
+    results[k].velocities.push_back(velocity);
+    latents[k] = dit::euler_step(latents[k], velocity, st.schedule, s);
+    st.busy += seconds_since(t0);
+    if (s + 1 < cfg.sampling_steps) {
+      issue(k, s + 1);
+      in_flight.emplace_back(k, s + 1);
+    }
+  }
+  for (size_t k = 0; k < k_blocks; ++k) {
+    results[k].latents = latents[k];
+    if (st.block + static_cast<int64_t>(k) == 0) st.ref = latents[k].slice(1, 0, 1).clone();  // the next sink's ref
+  }
+  return results;
+}
+
+void RankSession::stage_pipeline_follow(size_t blocks) {
+  auto& st = *state_;
+  const auto& cfg = model_.config();
+  const int rank = config_.rank(), world = config_.world_size();
+  const int64_t items = static_cast<int64_t>(blocks) * cfg.sampling_steps;
+  for (int64_t i = 0; i < items; ++i) {
+    int64_t step = -1;
+    auto in = recv_block_inputs(comm_, rank - 1, model_.device(), &step);
+    if (step < 0 || step >= cfg.sampling_steps)
+      throw ParallelError("rank " + std::to_string(rank) + " got an item of step " + std::to_string(step) +
+                          " from rank " + std::to_string(rank - 1) + ": the ranks are out of step; restart every rank");
+    const auto t0 = Clock::now();
+    model_.run_layers(in, st.stream, step);
+    if (rank + 1 < world) {
+      st.busy += seconds_since(t0);
+      send_block_inputs(comm_, in, rank + 1, step);
+    } else {
+      const auto velocity = model_.head(in);
+      st.busy += seconds_since(t0);
+      send_tensors(*back_, {velocity}, 0);
+    }
+  }
 }
 
 }  // namespace liveavatar::parallel

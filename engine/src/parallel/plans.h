@@ -12,9 +12,23 @@
 //         state + the small per-call tensors) go k -> k + 1 and the velocity goes N-1 -> 0; the sink prefill (and its
 //         refresh before clip 1) runs through every stage the same way.
 //
-// Every rank makes the same calls in the same order (set_condition, then generate_block per block); the inputs
-// matter on rank 0 only, which returns the latents, the velocity of every step (stage) or of step 0 (step) and the
-// RoPE offsets. Results equal dit::Session on one device (same seeds, same offsets).
+// Every rank makes the same calls in the same order (set_condition, then generate_block per block or
+// generate_blocks per batch); the inputs matter on rank 0 only, which returns the latents, the velocity of every step
+// (stage) or of step 0 (step) and the RoPE offsets. Results equal dit::Session on one device (same seeds, same
+// offsets).
+//
+// Pipelining (stage, with a return channel): generate_blocks(K blocks) keeps up to K items (b, s) in flight, one
+// per block, so with K = N every stage works in the steady state. Rank 0 issues (b, 0) for each block, then, as the
+// velocity of (b, s) comes back, the Euler step and (b, s + 1). Every stage processes items in arrival order, which
+// is block order within each step, so each step's ring is written by block b before block b + 1 reads it: the same
+// computation as one block after the other. The velocities return on a second communicator, received on rank 0 by
+// a thread of its own (Gloo's transfers wait for the matching call, so rank 0 sending (b + 1, s) down the pipeline
+// while the last stage sends (b, s)'s velocity back would otherwise wait on each other). The sink refresh before
+// clip 1 starts a batch of its own (the blocks before it finish first: they attend to the old sink).
+//
+//   time ->     rank 0 (layers 0..L/2)        rank 1 (layers L/2..L + head)
+//               (0,0) (1,0) (0,1) (1,1) ...
+//                     (0,0) (1,0) (0,1) (1,1) ...       velocity of (b,s) -> rank 0 -> Euler -> (b,s+1)
 //
 // Thread-safety: a RankSession is used by one thread; the Model may be shared (it is immutable).
 #pragma once
@@ -33,8 +47,10 @@ class RankSession {
  public:
   /// `model`: the full DiT (step) or this rank's shard, layers stage_layers(L, rank, world) (stage). Throws
   /// ParallelError when the plan, the world size or the model's layers do not fit.
+  /// `back`: the return channel of the stage plan's velocities (a second communicator of the same world);
+  /// without it generate_blocks() runs one block after the other.
   RankSession(const ParallelConfig& config, Communicator& comm, const dit::Model& model,
-              dit::SessionOptions options = {});
+              dit::SessionOptions options = {}, Communicator* back = nullptr);
   ~RankSession();
   RankSession(const RankSession&) = delete;
   RankSession& operator=(const RankSession&) = delete;
@@ -45,7 +61,13 @@ class RankSession {
   void set_refresh_motion(const at::Tensor& motion_latents);
   /// Rank 0: audio [audio_layers, audio_dim, 4 * frames_per_block]; other ranks: undefined.
   dit::BlockResult generate_block(const at::Tensor& audio);
+  /// Several blocks, pipelined (stage with a return channel; else one after the other); equal to generate_block
+  /// per block. Rank 0: one audio per block; other ranks: as many undefined tensors.
+  std::vector<dit::BlockResult> generate_blocks(const std::vector<at::Tensor>& audio);
   int64_t blocks_done() const;
+  /// Seconds this rank spent computing (not waiting for transfers) since set_condition: 1 - busy / wall is its idle
+  /// share (the pipeline bubble).
+  double busy_seconds() const;
 
  private:
   struct State;
@@ -56,11 +78,15 @@ class RankSession {
   void stage_set_condition(const at::Tensor& ref, const at::Tensor& motion, const at::Tensor& text);
   void stage_prefill(const at::Tensor& ref, const at::Tensor& motion);
   dit::BlockResult stage_block(const at::Tensor& audio);
+  bool refresh_before(int64_t block) const;
+  std::vector<dit::BlockResult> stage_pipeline_first(const std::vector<at::Tensor>& audio);
+  void stage_pipeline_follow(size_t blocks);
 
   ParallelConfig config_;
   Communicator& comm_;
   const dit::Model& model_;
   dit::SessionOptions options_;
+  Communicator* back_ = nullptr;
   std::unique_ptr<State> state_;
 };
 

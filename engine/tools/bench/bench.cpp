@@ -16,6 +16,7 @@
 #ifdef LIVEAVATAR_WITH_DIT
 int liveavatar_dit_bench_main(int argc, char** argv);
 int liveavatar_model_bench_main(int argc, char** argv);
+int liveavatar_parallel_bench_main(int argc, char** argv);
 #endif
 
 namespace {
@@ -30,7 +31,9 @@ const char kUsage[] =
     "liveavatar-bench --dit tiny|14b [...]: the streaming DiT instead (per-block latency, peak memory);\n"
     "  the same options as liveavatar-dit-bench (--device, --dtype, --blocks, --latent, --checkpoint, ...).\n"
     "liveavatar-bench --config tiny|medium|14b --random-weights [...]: the DiT on the devices of a plan (GPUs:\n"
-    "  FPS, first block, peak memory vs the planner, TFLOP/s, a PNG); --config --help lists its options.\n";
+    "  FPS, first block, peak memory vs the planner, TFLOP/s, a PNG); --config --help lists its options.\n"
+    "liveavatar-bench --plan single|step|stage [--devices cpu:N] [...]: a parallel plan against single with the\n"
+    "  same total cores (blocks/s, time to the first block, pipeline bubble, bytes per hop; --plan --help).\n";
 
 // Without --audio: a voiced signal (150 Hz pulse train through two formants) gated 1.2 s on / 0.5 s off.
 std::vector<float> synthetic_speech(size_t n, int rate) {
@@ -63,6 +66,12 @@ int run(int argc, char** argv) {
       return liveavatar_dit_bench_main(argc, argv);
 #else
       throw liveavatar::Error("--dit needs the engine built with LibTorch: run scripts/setup.sh and rebuild");
+#endif
+    } else if (std::string(argv[i]) == "--plan") {
+#ifdef LIVEAVATAR_WITH_DIT
+      return liveavatar_parallel_bench_main(argc, argv);
+#else
+      throw liveavatar::Error("--plan needs the engine built with LibTorch: run scripts/setup.sh and rebuild");
 #endif
     }
   std::string image_path, audio_path;
