@@ -7,12 +7,14 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include <algorithm>
 #include <fstream>
 #include <atomic>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -82,6 +84,73 @@ struct ModelFiles {
   }
 };
 
+uint64_t file_bytes(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : 0;
+}
+
+// Load progress in four parts, each a file or a set of files: the DiT (its shards, and the LoRA merged into it),
+// the VAE, wav2vec2 and umT5. Bytes are the files' sizes; inside the DiT they advance tensor by tensor. The
+// callback may throw Cancelled, which stops the load.
+class Progress {
+ public:
+  Progress(const EngineConfig& c, const ModelFiles& f) : callback_(c.on_load_progress) {
+    uint64_t dit = 0;
+    DIR* d = opendir(f.base.c_str());
+    if (d) {
+      while (dirent* e = readdir(d)) {
+        const std::string name = e->d_name;
+        if (name.rfind("diffusion_pytorch_model", 0) == 0 && name.size() > 12 &&
+            name.compare(name.size() - 12, 12, ".safetensors") == 0)
+          dit += file_bytes(f.base + "/" + name);
+      }
+      closedir(d);
+    }
+    uint64_t w2v = file_bytes(f.wav2vec2 + "/model.safetensors");
+    if (w2v == 0) w2v = file_bytes(f.wav2vec2 + "/pytorch_model.bin");
+    parts_ = {{f.base + "/diffusion_pytorch_model*.safetensors", dit + (f.lora.empty() ? 0 : file_bytes(f.lora))},
+              {f.vae, file_bytes(f.vae)},
+              {f.wav2vec2, w2v},
+              {f.t5, file_bytes(f.t5)}};
+    for (const auto& p : parts_) total_ += p.second;
+  }
+  // Part `i` starts (all before it are read).
+  void begin(int i) {
+    part_ = i;
+    done_ = 0;
+    for (int k = 0; k < i; ++k) done_ += parts_[static_cast<size_t>(k)].second;
+    in_part_ = 0;
+    report();
+  }
+  // `bytes` more of the current part are being read (capped at the part's size).
+  void advance(uint64_t bytes) {
+    in_part_ = std::min(parts_[static_cast<size_t>(part_)].second, in_part_ + bytes);
+    report();
+  }
+  void end() {
+    part_ = static_cast<int>(parts_.size());
+    done_ = total_;
+    in_part_ = 0;
+    report();
+  }
+
+ private:
+  void report() const {
+    if (!callback_) return;
+    LoadProgress p;
+    p.file = part_ < static_cast<int>(parts_.size()) ? parts_[static_cast<size_t>(part_)].first : "";
+    p.files_done = part_;
+    p.files_total = static_cast<int>(parts_.size());
+    p.bytes_done = done_ + in_part_;
+    p.bytes_total = total_;
+    callback_(p);
+  }
+  std::function<void(const LoadProgress&)> callback_;
+  std::vector<std::pair<std::string, uint64_t>> parts_;
+  uint64_t total_ = 0, done_ = 0, in_part_ = 0;
+  int part_ = 0;
+};
+
 // Shapes that upstream hard-codes for the real model are read off the checkpoint tensors instead, so a tiny test
 // checkpoint in the official layout loads through the same code.
 vae::VaeConfig infer_vae_config(const weights::Checkpoint& ckpt, const std::string& file) {
@@ -125,6 +194,8 @@ struct Models {
 
   Models(const EngineConfig& c) : files(ModelFiles::locate(c)) {
     c10::NoGradGuard no_grad;
+    Progress progress(c, files);
+    progress.begin(0);
     const c10::Device device = c.device == "cuda" ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
     if (c.device != "cpu" && c.device != "cuda") throw Error("device must be cpu or cuda, got " + c.device);
     if (c.precision != "fp32" && c.precision != "bf16" && c.precision != "fp8")
@@ -135,6 +206,7 @@ struct Models {
     // Built directly on its device in its dtype and read tensor by tensor (no random values first, host memory
     // near the largest tensor), the LoRA merged per tensor.
     dit::LoadOptions lo;
+    lo.on_tensor = [&progress](uint64_t bytes) { progress.advance(bytes); };
     lo.device = device;
     lo.precision = dit::parse_precision(c.precision);
     if (!files.lora.empty()) {
@@ -151,10 +223,12 @@ struct Models {
     }
     dit = std::make_unique<dit::Model>(dit_config, exists(files.dit_index) ? files.dit_index : files.dit_single, lo);
 
+    progress.begin(1);
     auto vae_ckpt = weights::load_pth(files.vae);
     vae = std::make_unique<vae::WanVae>(infer_vae_config(vae_ckpt, files.vae), device, c10::kFloat);
     vae->load(vae_ckpt);
 
+    progress.begin(2);
     audio = std::make_unique<audio::AudioEncoder>(audio::AudioEncoder::from_folder(files.wav2vec2, device));
     const auto& ac = audio->config();
     if (ac.hidden_size != dit_config.audio_dim || ac.num_hidden_states() != dit_config.audio_layers)
@@ -163,6 +237,7 @@ struct Models {
                   std::to_string(dit_config.audio_layers) + " of width " + std::to_string(dit_config.audio_dim) +
                   ": the files come from different models");
 
+    progress.begin(3);
     auto t5_ckpt = weights::load_pth(files.t5);
     text_options.checkpoint = files.t5;
     text_options.tokenizer = files.tokenizer;
@@ -174,6 +249,7 @@ struct Models {
       throw Error("the umT5 encoder in " + files.t5 + " is " + std::to_string(text_options.config.dim) +
                   " wide but the DiT expects text_dim " + std::to_string(dit_config.text_dim) +
                   ": the files come from different models");
+    progress.end();
   }
 };
 
@@ -201,10 +277,6 @@ void check_memory(const EngineConfig& c, const ModelFiles& files) {
   request.weights = runtime::parse_precision(c.precision);
   request.parallel = runtime::Parallel::kSingle;
   // The companions' sizes from their files' sizes (stat only: fp32 VAE and wav2vec2, bf16 umT5 as published).
-  auto file_bytes = [](const std::string& path) -> uint64_t {
-    struct stat st {};
-    return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : 0;
-  };
   request.companions.vae_parameters = file_bytes(files.vae) / 4;
   uint64_t w2v = file_bytes(files.wav2vec2 + "/model.safetensors");
   if (w2v == 0) w2v = file_bytes(files.wav2vec2 + "/pytorch_model.bin");
@@ -299,6 +371,18 @@ class LiveAvatarBackend final : public Backend {
   }
 
   int frames_per_block() const override { return static_cast<int>(block_frames()); }
+  std::vector<std::string> startup_warnings() const override {
+    if (!models_->files.lora.empty()) return {};
+    return {"model-dir " + config_.model_dir + " has no LiveAvatar/liveavatar.safetensors: running the Wan2.2-S2V "
+            "weights without the LiveAvatar LoRA, which the streaming model needs for good pictures (add the file, "
+            "or set lora to where it is)"};
+  }
+  int max_steps() const override { return static_cast<int>(models_->dit_config.sampling_steps); }
+  void set_steps(int steps) override {
+    steps_ = std::clamp<int64_t>(steps, 1, models_->dit_config.sampling_steps);
+    if (session_) session_->set_steps(steps_);
+  }
+  int last_block_steps() const override { return last_steps_; }
   bool prefers_worker() const override { return true; }
 
   void push_audio_frames(const float* samples, int frames) override {
@@ -421,6 +505,7 @@ class LiveAvatarBackend final : public Backend {
     if (seams_) so.rope_offsets = seams_->rope_offsets;
     so.cancelled = [this] { return cancel_ && cancel_->load(); };  // checked between denoising steps
     auto session = std::make_unique<dit::Session>(*models_->dit, so);
+    session->set_steps(steps_ > 0 ? steps_ : models_->dit_config.sampling_steps);
     const auto dtype = models_->dit->dtype();
     session->set_condition(encoded_->ref_latent.to(dtype), encoded_->motion.to(dtype),
                            text_context_.to(models_->dit->device(), dtype));
@@ -438,6 +523,7 @@ class LiveAvatarBackend final : public Backend {
       if (audio.size(2) < n)
         audio = at::cat({audio, at::zeros({audio.size(0), audio.size(1), n - audio.size(2)})}, 2);
       const auto block = session_->generate_block(audio.to(models_->dit->device(), models_->dit->dtype()));
+      last_steps_ = static_cast<int>(block.steps.size());
       if (!at::isfinite(block.latents).all().item<bool>())
         throw Error("backend=liveavatar: the DiT produced NaN or infinity in block " +
                     std::to_string(session_->blocks_done() - 1) + " (try precision=fp32)");
@@ -481,6 +567,8 @@ class LiveAvatarBackend final : public Backend {
   at::Tensor features_;  // [layers, dim, frames] not yet given to the DiT
   std::deque<Frame> ready_;
   int64_t frames_queued_ = 0;
+  int64_t steps_ = 0;     // denoising steps of the next blocks (0: the model's full count)
+  int last_steps_ = 0;    // steps of the last block made
   const std::atomic<bool>* cancel_ = nullptr;
   std::shared_ptr<const neural::TestSeams> seams_;  // tests only (test_seams.h)
   int64_t seam_frames_ = 0;                          // frames of seams_->audio_features handed out
