@@ -16,8 +16,11 @@
  * block of audio, 480 ms, plus the measured processing of a block, plus with lag-policy=wait the blocks queued) and
  * posts a LATENCY message when that figure changes; when audio is late or missing it keeps the avatar idling (mouth
  * closed, blinking, breathing) instead of stalling; audio that arrives after its frame was shown is dropped. When
- * the model cannot make a frame by its time, `lag-policy` decides: wait for it, repeat the last frame, or let the
- * puppet draw it. Add latency for slow sources with the aggregator's `latency` property. See docs/element.md.
+ * the model cannot make a frame by its time, `lag-policy` decides: wait for it, repeat the last frame, let the
+ * puppet draw it, or run fewer denoising steps until the model keeps up. Add latency for slow sources with the
+ * aggregator's `latency` property. With backend=liveavatar the model loads on a worker (READY->PAUSED does not wait;
+ * PROGRESS messages "load" report files, bytes and percent). Every `stats-interval` ms an element message
+ * "liveavatar-stats" reports speaking (Silero VAD), fps, latency and queue depths. See docs/element.md.
  *
  * Seeks (flushing, in PAUSED, segment seeks) go to the audio branch; an image branch that cannot seek keeps its
  * picture. The duration is the audio's.
