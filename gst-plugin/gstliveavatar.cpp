@@ -16,8 +16,11 @@
  * block of audio, 480 ms, plus the measured processing of a block, plus with lag-policy=wait the blocks queued) and
  * posts a LATENCY message when that figure changes; when audio is late or missing it keeps the avatar idling (mouth
  * closed, blinking, breathing) instead of stalling; audio that arrives after its frame was shown is dropped. When
- * the model cannot make a frame by its time, `lag-policy` decides: wait for it, repeat the last frame, or let the
- * puppet draw it. Add latency for slow sources with the aggregator's `latency` property. See docs/element.md.
+ * the model cannot make a frame by its time, `lag-policy` decides: wait for it, repeat the last frame, let the
+ * puppet draw it, or run fewer denoising steps until the model keeps up. Add latency for slow sources with the
+ * aggregator's `latency` property. With backend=liveavatar the model loads on a worker (READY->PAUSED does not wait;
+ * PROGRESS messages "load" report files, bytes and percent). Every `stats-interval` ms an element message
+ * "liveavatar-stats" reports speaking (Silero VAD), fps, latency and queue depths. See docs/element.md.
  *
  * Seeks (flushing, in PAUSED, segment seeks) go to the audio branch; an image branch that cannot seek keeps its
  * picture. The duration is the audio's.
@@ -37,11 +40,16 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "liveavatar/engine.h"
+#include "liveavatar/vad.h"
 
 GST_DEBUG_CATEGORY_STATIC(gst_live_avatar_debug);
 #define GST_CAT_DEFAULT gst_live_avatar_debug
@@ -88,6 +96,8 @@ enum {
   PROP_KV_PRECISION,
   PROP_RENDEZVOUS,
   PROP_PARALLEL_TIMEOUT,
+  PROP_STATS_INTERVAL,
+  PROP_VAD_MODEL,
 };
 
 enum GstLiveAvatarBackend { GST_LIVE_AVATAR_BACKEND_PUPPET = 0, GST_LIVE_AVATAR_BACKEND_LIVEAVATAR = 1 };
@@ -112,6 +122,7 @@ enum GstLiveAvatarLagPolicy {
   GST_LIVE_AVATAR_LAG_POLICY_WAIT = 0,
   GST_LIVE_AVATAR_LAG_POLICY_DROP = 1,
   GST_LIVE_AVATAR_LAG_POLICY_PUPPET = 2,
+  GST_LIVE_AVATAR_LAG_POLICY_DEGRADE = 3,
 };
 
 #define DEFAULT_BACKEND GST_LIVE_AVATAR_BACKEND_PUPPET
@@ -130,6 +141,8 @@ enum GstLiveAvatarLagPolicy {
 #define DEFAULT_KV_PRECISION GST_LIVE_AVATAR_KV_PRECISION_AUTO
 #define DEFAULT_RENDEZVOUS ""
 #define DEFAULT_PARALLEL_TIMEOUT 30000
+#define DEFAULT_STATS_INTERVAL 1000
+#define DEFAULT_VAD_MODEL ""
 
 static constexpr int kFpsN = 25;
 static constexpr int kFpsD = 1;
@@ -181,6 +194,10 @@ static GType gst_live_avatar_lag_policy_get_type(void) {
       {GST_LIVE_AVATAR_LAG_POLICY_PUPPET,
        "Skip stale blocks; a frame not ready in time is drawn by the puppet from the same portrait and audio",
        "puppet"},
+      {GST_LIVE_AVATAR_LAG_POLICY_DEGRADE,
+       "Fewer denoising steps for the next blocks while the model falls behind, back to the full count once it "
+       "keeps up; a frame still not ready in time repeats the last frame shown",
+       "degrade"},
       {0, nullptr, nullptr}};
   if (g_once_init_enter(&type)) {
     GType t = g_enum_register_static("GstLiveAvatarLagPolicy", values);
@@ -242,6 +259,8 @@ struct Settings {
   GstLiveAvatarKvPrecision kv_precision = DEFAULT_KV_PRECISION;
   std::string rendezvous = DEFAULT_RENDEZVOUS;
   guint parallel_timeout = DEFAULT_PARALLEL_TIMEOUT;
+  guint stats_interval = DEFAULT_STATS_INTERVAL;  // ms between "liveavatar-stats" messages; 0 = none
+  std::string vad_model = DEFAULT_VAD_MODEL;      // silero_vad.jit; "" = the one found at build time
 };
 
 // Runtime state, touched only by the aggregate thread (and start/stop while that thread is stopped).
@@ -270,23 +289,53 @@ struct State {
   int reference_width = 0, reference_height = 0;
   bool stalled = false;  // the next frame is overdue and its block waits for audio (get_next_time)
   gint64 resume_at = 0;  // after a stand-in: the first frame the model was asked to make in time (skip_to)
+  gint64 steps_decided_at = -1;  // lag-policy=degrade: blocks_done when the step count was last decided
+  gint64 stats_at_us = 0;        // monotonic time of the last stats message (0: none yet)
+  gint64 stats_frames = 0;       // frames_out then
+  std::unique_ptr<liveavatar::VoiceActivity> vad;  // "speaking" in the stats, fed what the engine is fed
+  std::string vad_model;                           // the vad-model it was made with
 
   void clear_stream() {
     origin_rt = GST_CLOCK_TIME_NONE;
     picture_end_rt = GST_CLOCK_TIME_NONE;
     frames_out = 0;
     resume_at = 0;
+    steps_decided_at = -1;
+    stats_at_us = 0;
+    stats_frames = 0;
     finished = false;
     segment_done = false;
     gst_buffer_replace(&last_frame, nullptr);
     if (engine) engine->reset();
     if (stand_in) stand_in->reset();
+    if (vad) vad->reset();
+  }
+};
+
+// backend=liveavatar: the model is loaded on this worker, so READY->PAUSED does not wait for it. The aggregate thread
+// takes the engine once it is made; going to READY/NULL cancels the load at its next file or tensor.
+struct Loader {
+  std::thread thread;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;                             // under mu
+  std::unique_ptr<liveavatar::Engine> engine;    // the result, under mu
+  std::exception_ptr error;                      // or the failure, under mu
+  std::atomic<bool> cancel{false};
+  std::string key;                               // the settings it is made with (State::engine_key)
+  int last_percent = -1;                         // worker only: progress messages when the percentage moves
+  int last_file = -1;
+
+  ~Loader() {
+    cancel = true;
+    if (thread.joinable()) thread.join();
   }
 };
 
 struct _GstLiveAvatarPrivate {
   Settings settings;
   State state;
+  std::unique_ptr<Loader> loader;  // set by start (state change thread) while a model loads
   // QoS from downstream (under GST_OBJECT_LOCK): frames ending before earliest_time are reported late.
   GstClockTime qos_earliest = GST_CLOCK_TIME_NONE;
   guint64 qos_processed = 0;
@@ -305,6 +354,8 @@ struct _GstLiveAvatarPrivate {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
+
+static bool take_loaded_engine(GstLiveAvatar* self, GstFlowReturn* ret);
 
 static bool parse_mouth_box(const std::string& text, liveavatar::Rect* r) {
   if (text.empty()) {
@@ -448,7 +499,9 @@ static void report_lateness(GstLiveAvatar* self, GstClockTime rt, GstClockTime r
   // "processed" counts every frame pushed; "dropped" the model frames replaced by a stand-in (a frame is never
   // left out of the stream: encoders and muxers need a gap-free timeline).
   gst_message_set_qos_stats(m, GST_FORMAT_BUFFERS, processed, dropped);
-  gst_message_set_qos_values(m, 0, 1.0, 1000000);
+  // quality: the model's share of its full denoising steps for the blocks now made (lag-policy=degrade lowers it).
+  const liveavatar::EngineStats es = self->priv->state.engine->stats();
+  gst_message_set_qos_values(m, 0, 1.0, static_cast<gint>(1000000LL * es.steps / std::max(1, es.steps_full)));
   GST_DEBUG_OBJECT(self, "frame at %" GST_TIME_FORMAT " is late (%" G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT ")",
                    GST_TIME_ARGS(rt), late_count, processed);
   gst_element_post_message(GST_ELEMENT(self), m);
@@ -518,8 +571,8 @@ static GstFlowReturn push_frame(GstLiveAvatar* self, const liveavatar::Frame& f,
 }
 
 // Rank 0's plan (plan, devices, bytes per device) as an element message "liveavatar-plan", and in the log.
-static void post_plan(GstLiveAvatar* self) {
-  const liveavatar::ExecutionPlan plan = self->priv->state.engine->execution_plan();
+static void post_plan(GstLiveAvatar* self, liveavatar::Engine& engine) {
+  const liveavatar::ExecutionPlan plan = engine.execution_plan();
   if (plan.parallel.empty()) return;  // the puppet has none
   GST_INFO_OBJECT(self, "plan: %s", plan.summary.c_str());
   GValue devices = G_VALUE_INIT, roles = G_VALUE_INIT, bytes = G_VALUE_INIT, free_bytes = G_VALUE_INIT;
@@ -577,10 +630,19 @@ static void post_picture_warnings(GstLiveAvatar* self) {
 static void push_audio(State& st, const float* samples, size_t n) {
   st.engine->push_audio(samples, n);
   if (st.stand_in) st.stand_in->push_audio(samples, n);
+  if (st.vad) st.vad->push(samples, n);
 }
 static void push_silence(State& st, size_t n) {
   st.engine->push_silence(n);
   if (st.stand_in) st.stand_in->push_silence(n);
+  if (st.vad) {
+    static const std::vector<float> zeros(liveavatar::VoiceActivity::kWindow, 0.f);
+    for (size_t left = n; left > 0;) {
+      const size_t k = std::min(left, zeros.size());
+      st.vad->push(zeros.data(), k);
+      left -= k;
+    }
+  }
 }
 
 static GstLiveAvatarLagPolicy lag_policy(GstLiveAvatar* self) {
@@ -606,6 +668,8 @@ static GstClockTime running_time_now(GstLiveAvatar* self) {
 // skipped instead of waited for, so only one block's processing counts.
 // A block model gets one frame more: its last frame's audio and the block's start are not the same instant (a block
 // made of silence while the audio is late starts right when that silence is due).
+static void adapt_steps(GstLiveAvatar* self, GstLiveAvatarLagPolicy policy);
+
 static GstClockTime own_latency(GstLiveAvatar* self, GstLiveAvatarLagPolicy policy) {
   const liveavatar::EngineStats s = self->priv->state.engine->stats();
   if (!s.threaded) return kFrameDuration;
@@ -732,6 +796,7 @@ static void ensure_stand_in(GstLiveAvatar* self) {
 // before any frame: the puppet's frame). Returns GST_FLOW_CUSTOM_SUCCESS when nothing could stand in.
 static GstFlowReturn replace_frame(GstLiveAvatar* self, GstLiveAvatarLagPolicy policy) {
   State& st = self->priv->state;
+  if (policy == GST_LIVE_AVATAR_LAG_POLICY_DEGRADE) policy = GST_LIVE_AVATAR_LAG_POLICY_DROP;
   const gint64 k = st.frames_out;
   GstFlowReturn ret = GST_FLOW_CUSTOM_SUCCESS;
   if (policy == GST_LIVE_AVATAR_LAG_POLICY_DROP && st.last_frame) {
@@ -757,7 +822,10 @@ static void skip_stale(GstLiveAvatar* self, GstClockTime now, GstClockTime laten
   // A block started now is ready after its processing; one is probably in progress already (it cannot be stopped
   // part-way without losing the model's state), which the new one waits for.
   const int busy = s.frames_pending >= s.frames_per_block ? 1 : 0;
-  const GstClockTime ready = now + static_cast<GstClockTime>((1 + busy) * s.ms_per_block * GST_MSECOND);
+  // lag-policy=degrade may just have lowered the steps: the next blocks take that share of the last one's time.
+  const double block_ms =
+      s.steps_last_block > 0 ? s.ms_per_block * s.steps / s.steps_last_block : s.ms_per_block;
+  const GstClockTime ready = now + static_cast<GstClockTime>((1 + busy) * block_ms * GST_MSECOND);
   gint64 first_in_time = k + 1;
   if (ready > st.origin_rt + latency)
     first_in_time = std::max<gint64>(
@@ -851,6 +919,7 @@ static GstFlowReturn drain_frames(GstLiveAvatar* self, bool* waiting = nullptr, 
     if (overdue && policy != GST_LIVE_AVATAR_LAG_POLICY_WAIT) {
       GstFlowReturn r = replace_frame(self, policy);
       if (r == GST_FLOW_OK) {
+        adapt_steps(self, policy);  // degrade: the steps come down before the model is told where to resume
         skip_stale(self, now, latency);
         continue;
       }
@@ -951,6 +1020,72 @@ static void feed_audio(GstLiveAvatar* self, GstBuffer* buf) {
   if (mapped) gst_buffer_unmap(buf, &map);
 }
 
+// Live with a block model, lag-policy=degrade: after each block, the denoising steps of the next ones. A block must
+// be made within its own duration (480 ms) or the model falls behind; the time per step is the last block's time
+// over its steps. Too slow (over 95 % of the block's time) or audio piling up (more than two blocks waiting): the
+// largest count that fits in 85 %, at least one step fewer. Room again (one more step fits in 80 %, nothing piled
+// up): one step more per block, up to the full count. Other policies run every block at the full count.
+static void adapt_steps(GstLiveAvatar* self, GstLiveAvatarLagPolicy policy) {
+  State& st = self->priv->state;
+  const liveavatar::EngineStats s = st.engine->stats();
+  if (!s.threaded || s.steps_full <= 1) return;
+  if (policy != GST_LIVE_AVATAR_LAG_POLICY_DEGRADE || !self->priv->live) {
+    if (s.steps != s.steps_full) st.engine->set_denoising_steps(0);
+    return;
+  }
+  if (s.blocks_done == st.steps_decided_at || s.steps_last_block <= 0 || s.ms_last_block <= 0) return;
+  st.steps_decided_at = s.blocks_done;
+  const double block_ms = 1000.0 * s.frames_per_block * kFpsD / kFpsN;
+  const double per_step = s.ms_last_block / s.steps_last_block;
+  const bool piled_up = s.frames_pending > 2 * s.frames_per_block;
+  int steps = s.steps;
+  if (per_step * steps > 0.95 * block_ms || piled_up)
+    steps = std::max(1, std::min(steps - 1, static_cast<int>(0.85 * block_ms / per_step)));
+  else if (steps < s.steps_full && per_step * (steps + 1) <= 0.8 * block_ms && !piled_up)
+    steps += 1;
+  if (steps == s.steps) return;
+  GST_INFO_OBJECT(self, "lag-policy=degrade: %d of %d denoising steps from now on (last block %.0f ms with %d, "
+                  "%" G_GINT64_FORMAT " frames pending)", steps, s.steps_full, s.ms_last_block, s.steps_last_block,
+                  s.frames_pending);
+  st.engine->set_denoising_steps(steps == s.steps_full ? 0 : steps);
+}
+
+// Every stats-interval ms: an element message "liveavatar-stats" with what the element and the model are doing.
+static void maybe_post_stats(GstLiveAvatar* self) {
+  GstLiveAvatarPrivate* priv = self->priv;
+  State& st = priv->state;
+  GST_OBJECT_LOCK(self);
+  const guint interval_ms = priv->settings.stats_interval;
+  const guint64 processed = priv->qos_processed, replaced = priv->qos_dropped;
+  GST_OBJECT_UNLOCK(self);
+  if (interval_ms == 0 || !st.engine) return;
+  const gint64 now = g_get_monotonic_time();
+  if (st.stats_at_us == 0) {
+    st.stats_at_us = now;
+    st.stats_frames = st.frames_out;
+    return;
+  }
+  if (now - st.stats_at_us < static_cast<gint64>(interval_ms) * 1000) return;
+  const double fps = (st.frames_out - st.stats_frames) * 1e6 / static_cast<double>(now - st.stats_at_us);
+  st.stats_at_us = now;
+  st.stats_frames = st.frames_out;
+  const liveavatar::EngineStats s = st.engine->stats();
+  const GstClockTime total = gst_aggregator_get_latency(GST_AGGREGATOR(self));
+  GstStructure* info = gst_structure_new(
+      "liveavatar-stats", "fps", G_TYPE_DOUBLE, fps, "frames", G_TYPE_INT64, st.frames_out, "latency",
+      G_TYPE_UINT64, priv->own_latency.load(), "pipeline-latency", G_TYPE_UINT64,
+      GST_CLOCK_TIME_IS_VALID(total) ? total : 0, "frames-queued", G_TYPE_INT64, s.frames_queued, "frames-pending",
+      G_TYPE_INT64, s.frames_pending, "ms-per-block", G_TYPE_DOUBLE, s.ms_per_block, "denoising-steps", G_TYPE_INT,
+      s.steps, "denoising-steps-full", G_TYPE_INT, s.steps_full, "blocks-degraded", G_TYPE_INT64, s.blocks_degraded,
+      "processed", G_TYPE_UINT64, processed, "replaced", G_TYPE_UINT64, replaced, nullptr);
+  if (st.vad)
+    gst_structure_set(info, "speaking", G_TYPE_BOOLEAN, st.vad->speaking(), "voice-probability", G_TYPE_DOUBLE,
+                      static_cast<double>(st.vad->probability()), "vad", G_TYPE_STRING, st.vad->kind().c_str(),
+                      "audio-time", G_TYPE_UINT64, gst_util_uint64_scale(st.vad->samples(), GST_SECOND, kRate),
+                      nullptr);
+  gst_element_post_message(GST_ELEMENT(self), gst_message_new_element(GST_OBJECT(self), info));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Virtual methods
 
@@ -966,6 +1101,10 @@ static GstFlowReturn gst_live_avatar_aggregate_impl(GstLiveAvatar* self, gboolea
     st.have_segment = false;
   }
   if (st.finished) return GST_FLOW_EOS;
+  if (!st.engine) {
+    GstFlowReturn ret;
+    if (!take_loaded_engine(self, &ret)) return ret;
+  }
 
   if (!consume_images(self)) return GST_FLOW_ERROR;
 
@@ -1051,6 +1190,8 @@ static GstFlowReturn gst_live_avatar_aggregate_impl(GstLiveAvatar* self, gboolea
   bool waiting = false;
   GstFlowReturn ret = drain_frames(self, &waiting, /*at_end=*/false, backlog);
   if (priv->live) update_latency(self);  // not live, nobody waits on it: no LATENCY messages to redistribute
+  adapt_steps(self, lag_policy(self));
+  maybe_post_stats(self);
   if (ret != GST_FLOW_OK || waiting) return ret;
 
   if (gst_aggregator_pad_is_eos(self->audio_pad) && !gst_aggregator_pad_has_buffer(self->audio_pad)) {
@@ -1357,6 +1498,7 @@ static gboolean gst_live_avatar_sink_query(GstAggregator* agg, GstAggregatorPad*
 static GstStateChangeReturn gst_live_avatar_change_state(GstElement* element, GstStateChange transition) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(element);
   if (transition == GST_STATE_CHANGE_PAUSED_TO_READY && self->priv->state.engine) self->priv->state.engine->cancel();
+  if (transition == GST_STATE_CHANGE_PAUSED_TO_READY && self->priv->loader) self->priv->loader->cancel = true;
   return GST_ELEMENT_CLASS(gst_live_avatar_parent_class)->change_state(element, transition);
 }
 
@@ -1377,6 +1519,111 @@ static Settings snapshot_settings(GstLiveAvatar* self) {
     GST_OBJECT_UNLOCK(self);
     throw;
   }
+}
+
+// After an engine was made or reused: its warnings (e.g. a model folder without the LiveAvatar LoRA) and the end of
+// the load.
+static void engine_ready(GstLiveAvatar* self) {
+  post_engine_warnings(self);
+  post_plan(self, *self->priv->state.engine);
+  gst_element_post_message(GST_ELEMENT(self), gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_COMPLETE,
+                                                                       "load", "Avatar backend ready"));
+}
+
+// Worker: a PROGRESS message (CONTINUE) when the file or the percentage changes, with the fields "file",
+// "files-done", "files-total", "bytes-done", "bytes-total" and "percent". Throws Cancelled once the load is cancelled.
+static void on_load_progress(GstLiveAvatar* self, Loader* l, int delay_ms, const liveavatar::LoadProgress& p) {
+  if (l->cancel) throw liveavatar::Cancelled();
+  const int percent = p.bytes_total ? static_cast<int>(100 * p.bytes_done / p.bytes_total) : 0;
+  if (percent != l->last_percent || p.files_done != l->last_file) {
+    l->last_percent = percent;
+    l->last_file = p.files_done;
+    gchar* text = p.file.empty() ? g_strdup_printf("Loaded the model (%d%%)", percent)
+                                 : g_strdup_printf("Loading %s (%d%%)", p.file.c_str(), percent);
+    GstMessage* m = gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_CONTINUE, "load", text);
+    g_free(text);
+    gst_structure_set(gst_message_writable_structure(m), "file", G_TYPE_STRING, p.file.c_str(), "files-done",
+                      G_TYPE_INT, p.files_done, "files-total", G_TYPE_INT, p.files_total, "bytes-done", G_TYPE_UINT64,
+                      static_cast<guint64>(p.bytes_done), "bytes-total", G_TYPE_UINT64,
+                      static_cast<guint64>(p.bytes_total), "percent", G_TYPE_INT, percent, nullptr);
+    gst_element_post_message(GST_ELEMENT(self), m);
+  }
+  // Tests only: a slow disk (object data, no property reaches it).
+  for (int waited = 0; waited < delay_ms; waited += 5) {
+    if (l->cancel) throw liveavatar::Cancelled();
+    g_usleep(5000);
+  }
+}
+
+// Starts loading the model on a worker; the aggregate thread takes it (take_loaded_engine).
+static void start_loader(GstLiveAvatar* self, liveavatar::EngineConfig config, const std::string& key) {
+  auto l = std::make_unique<Loader>();
+  Loader* raw = l.get();
+  raw->key = key;
+  const int delay_ms = GPOINTER_TO_INT(g_object_get_data(G_OBJECT(self), "liveavatar-testing-load-delay-ms"));
+  config.on_load_progress = [self, raw, delay_ms](const liveavatar::LoadProgress& p) {
+    on_load_progress(self, raw, delay_ms, p);
+  };
+  // The outcome is posted from here, so it is known without data flowing (a pipeline waiting in PAUSED); the
+  // aggregate thread takes the engine when it needs it.
+  raw->thread = std::thread([self, raw, config] {
+    std::unique_ptr<liveavatar::Engine> engine;
+    std::exception_ptr error;
+    try {
+      engine = liveavatar::Engine::create(config);
+      for (const auto& w : engine->take_warnings())  // e.g. a model folder without the LiveAvatar LoRA
+        GST_ELEMENT_WARNING(self, STREAM, FAILED, ("%s", w.c_str()), (nullptr));
+      post_plan(self, *engine);
+      gst_element_post_message(GST_ELEMENT(self),
+                               gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_COMPLETE, "load",
+                                                        "Avatar backend ready"));
+    } catch (const liveavatar::Cancelled&) {
+      error = std::current_exception();  // going to READY/NULL: nothing to report
+    } catch (...) {
+      error = std::current_exception();
+      gst_element_post_message(GST_ELEMENT(self), gst_message_new_progress(GST_OBJECT(self),
+                                                                           GST_PROGRESS_TYPE_ERROR, "load",
+                                                                           "Loading failed"));
+      post_current_exception(self, /*loading=*/true);
+    }
+    std::lock_guard<std::mutex> lock(raw->mu);
+    raw->engine = std::move(engine);
+    raw->error = error;
+    raw->done = true;
+    raw->cv.notify_all();
+  });
+  GST_INFO_OBJECT(self, "loading the model on a worker");
+  self->priv->loader = std::move(l);
+}
+
+// Aggregate thread, while the model loads: waits a little for it. True once the engine is there; false with *ret set
+// (GST_FLOW_OK: still loading, called again; GST_FLOW_ERROR: the load failed, an element error posted).
+static bool take_loaded_engine(GstLiveAvatar* self, GstFlowReturn* ret) {
+  GstLiveAvatarPrivate* priv = self->priv;
+  Loader* l = priv->loader.get();
+  *ret = GST_FLOW_ERROR;
+  if (!l) {
+    GST_ELEMENT_ERROR(self, CORE, STATE_CHANGE, ("The avatar backend is not loaded."), ("no engine and no loader"));
+    return false;
+  }
+  {
+    std::unique_lock<std::mutex> lock(l->mu);
+    if (!l->cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return l->done; })) {
+      *ret = GST_FLOW_OK;
+      return false;
+    }
+  }
+  l->thread.join();
+  if (l->error) {  // posted by the loader
+    priv->loader.reset();
+    return false;
+  }
+  priv->state.engine = std::move(l->engine);
+  priv->state.engine_key = l->key;
+  priv->loader.reset();
+  update_latency(self, /*force=*/true);
+  GST_INFO_OBJECT(self, "model loaded");
+  return true;
 }
 
 static gboolean start_impl(GstLiveAvatar* self) {
@@ -1409,6 +1656,7 @@ static gboolean start_impl(GstLiveAvatar* self) {
   // block model, to test the lag policies without model weights.
   config.testing_block_delay_ms =
       GPOINTER_TO_INT(g_object_get_data(G_OBJECT(self), "liveavatar-testing-block-delay-ms"));
+  config.testing_slow_blocks = GPOINTER_TO_INT(g_object_get_data(G_OBJECT(self), "liveavatar-testing-slow-blocks"));
   if (!parse_mouth_box(settings.mouth_box, &config.mouth_box)) {
     GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("mouth-box \"%s\" is not x,y,width,height.",
                                                   settings.mouth_box.c_str()),
@@ -1425,28 +1673,32 @@ static gboolean start_impl(GstLiveAvatar* self) {
                           "|" + config.lora + "|" + config.prompt + "|" + config.precision + "|" +
                           std::to_string(config.max_area) + "|" + std::to_string(config.testing_block_delay_ms) +
                           "|" + config.parallel + "|" + config.devices + "|" + config.kv_precision + "|" +
-                          config.rendezvous + "|" + std::to_string(config.parallel_timeout_ms);
+                          config.rendezvous + "|" + std::to_string(config.parallel_timeout_ms) + "|" +
+                          std::to_string(config.testing_slow_blocks);
   GstMessage* msg = gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_START, "load",
                                              "Loading the avatar backend");
   gst_element_post_message(GST_ELEMENT(self), msg);
+  priv->loader.reset();
+  bool loading = false;
   try {
     if (priv->state.engine && priv->state.engine_key == key) {
       GST_INFO_OBJECT(self, "reusing the loaded engine");
       priv->state.engine->set_output_size({config.width, config.height});  // forget the last negotiated size
-    } else {
-      priv->state.engine.reset();
+    } else if (config.backend == "puppet") {
+      priv->state.engine.reset();  // nothing to load: made here
       priv->state.engine = liveavatar::Engine::create(config);
       priv->state.engine_key = key;
+    } else {
+      priv->state.engine.reset();  // its memory is given back before the new model loads
+      start_loader(self, config, key);
+      loading = true;
     }
   } catch (...) {
     gst_element_post_message(GST_ELEMENT(self), gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_ERROR,
                                                                          "load", "Loading failed"));
     throw;
   }
-  post_engine_warnings(self);  // e.g. a model folder without the LiveAvatar LoRA
-  post_plan(self);
-  gst_element_post_message(GST_ELEMENT(self), gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_COMPLETE,
-                                                                       "load", "Avatar backend ready"));
+  if (!loading) engine_ready(self);
   priv->state.have_reference = false;
   priv->state.out_negotiated = false;
   priv->state.have_segment = false;
@@ -1457,10 +1709,26 @@ static gboolean start_impl(GstLiveAvatar* self) {
   reset_qos(self);
   priv->state.config = config;
   priv->state.stand_in.reset();
+  // Voice activity for the stats: made again only when vad-model changes (loading the model takes a moment).
+  if (!priv->state.vad || priv->state.vad_model != settings.vad_model) {
+    liveavatar::VadOptions vo;
+    vo.model = settings.vad_model;
+    priv->state.vad = std::make_unique<liveavatar::VoiceActivity>(vo);
+    priv->state.vad_model = settings.vad_model;
+    if (!priv->state.vad->warning().empty())
+      GST_ELEMENT_WARNING(self, RESOURCE, NOT_FOUND, ("%s", priv->state.vad->warning().c_str()), (nullptr));
+  }
+  priv->state.vad->reset();
   // The puppet: one frame of audio must arrive before its frame is drawn. A block model: a block, and its
   // processing once measured (0 before the first block; the figure is raised, with a LATENCY message, as it grows).
+  // While the model loads: the neural model's block (12 frames) and a frame, raised once it is measured.
   priv->own_latency = 0;
-  update_latency(self, /*force=*/true);
+  if (loading) {
+    priv->own_latency = 13 * kFrameDuration;
+    gst_aggregator_set_latency(GST_AGGREGATOR(self), priv->own_latency.load(), GST_CLOCK_TIME_NONE);
+  } else {
+    update_latency(self, /*force=*/true);
+  }
   return TRUE;
 }
 
@@ -1477,6 +1745,7 @@ static gboolean gst_live_avatar_start(GstAggregator* agg) {
 static gboolean gst_live_avatar_stop(GstAggregator* agg) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
   State& st = self->priv->state;
+  self->priv->loader.reset();  // a model still loading: cancelled at its next file or tensor, and joined
   try {
     if (st.engine) st.engine->reset();  // kept for the next start with the same settings
   } catch (...) {
@@ -1565,6 +1834,14 @@ static void gst_live_avatar_set_property(GObject* object, guint prop_id, const G
     case PROP_LAG_POLICY:
       s.lag_policy = static_cast<GstLiveAvatarLagPolicy>(g_value_get_enum(value));
       break;
+    case PROP_STATS_INTERVAL:
+      s.stats_interval = g_value_get_uint(value);
+      break;
+    case PROP_VAD_MODEL: {
+      const char* v = g_value_get_string(value);
+      s.vad_model = v ? v : "";
+      break;
+    }
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec);
       break;
@@ -1625,6 +1902,12 @@ static void gst_live_avatar_get_property(GObject* object, guint prop_id, GValue*
     case PROP_PARALLEL_TIMEOUT:
       g_value_set_uint(value, s.parallel_timeout);
       break;
+    case PROP_STATS_INTERVAL:
+      g_value_set_uint(value, s.stats_interval);
+      break;
+    case PROP_VAD_MODEL:
+      g_value_set_string(value, s.vad_model.c_str());
+      break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec);
       break;
@@ -1634,6 +1917,7 @@ static void gst_live_avatar_get_property(GObject* object, guint prop_id, GValue*
 
 static void gst_live_avatar_finalize(GObject* object) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(object);
+  self->priv->loader.reset();
   gst_buffer_replace(&self->priv->state.last_image, nullptr);
   gst_buffer_replace(&self->priv->state.last_frame, nullptr);
   if (self->priv->state.to_i420) gst_video_converter_free(self->priv->state.to_i420);
@@ -1725,8 +2009,9 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
                         "Live, backend=liveavatar: what happens when the model does not make a frame by its time. "
                         "wait: the frame is waited for and the latency grows (reported); drop: the last frame is "
                         "shown again and the model skips the blocks it cannot make in time; puppet: the puppet draws "
-                        "those frames from the same portrait and audio. The video stays exactly as long as the "
-                        "audio with each (changeable in any state)",
+                        "those frames from the same portrait and audio; degrade: fewer denoising steps while the "
+                        "model falls behind (full again once it keeps up), frames still late repeat the last one. "
+                        "The video stays exactly as long as the audio with each (changeable in any state)",
                         GST_TYPE_LIVE_AVATAR_LAG_POLICY, DEFAULT_LAG_POLICY,
                         static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS |
                                                  GST_PARAM_MUTABLE_PLAYING)));
@@ -1769,6 +2054,23 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
                         "send its part of a block) before the stream fails with an error naming that rank "
                         "(changeable in NULL/READY only)",
                         100, 24 * 3600 * 1000, DEFAULT_PARALLEL_TIMEOUT, flags));
+  g_object_class_install_property(
+      gobject_class, PROP_STATS_INTERVAL,
+      g_param_spec_uint("stats-interval", "Stats interval",
+                        "Milliseconds between element messages named liveavatar-stats (speaking, fps, latency, queue "
+                        "depths, denoising steps); 0 = none (changeable in any state)",
+                        0, 3600000, DEFAULT_STATS_INTERVAL,
+                        static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS |
+                                                 GST_PARAM_MUTABLE_PLAYING)));
+
+  g_object_class_install_property(
+      gobject_class, PROP_VAD_MODEL,
+      g_param_spec_string("vad-model", "VAD model",
+                          "Silero VAD TorchScript file (silero_vad.jit of the PyPI package silero-vad) that decides "
+                          "\"speaking\" in the stats messages; empty = $LIVEAVATAR_VAD_MODEL, else the one in the "
+                          "project venv found at build time. Without it an energy gate decides, with a warning "
+                          "(changeable in NULL/READY only)",
+                          DEFAULT_VAD_MODEL, flags));
 
   gst_element_class_add_static_pad_template_with_gtype(element_class, &image_template, GST_TYPE_AGGREGATOR_PAD);
   gst_element_class_add_static_pad_template_with_gtype(element_class, &audio_template, GST_TYPE_AGGREGATOR_PAD);

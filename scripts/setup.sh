@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0   # keep in step with the GPU machines (DESIGN.md section 5)
+SILERO_VAD_VERSION=6.2.3  # the TorchScript Silero VAD model for the stats' "speaking" (engine/src/vad/)
 VENV=.venv
 BUILD=build
 
@@ -60,6 +61,16 @@ if [ ! -f "$VENV/.torch-$TORCH_VERSION" ]; then
   touch "$VENV/.torch-$TORCH_VERSION"
 else
   say "LibTorch $TORCH_VERSION present in $VENV"
+fi
+
+# Silero VAD (the element's "speaking" in its stats messages): only its TorchScript file is used, run by LibTorch,
+# so the package comes without its dependencies.
+if [ ! -f "$VENV/.silero-vad-$SILERO_VAD_VERSION" ]; then
+  say "installing silero-vad==$SILERO_VAD_VERSION into $VENV (its TorchScript model, 2 MB)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --progress-bar off --no-deps "silero-vad==$SILERO_VAD_VERSION"
+  touch "$VENV/.silero-vad-$SILERO_VAD_VERSION"
+else
+  say "silero-vad $SILERO_VAD_VERSION present in $VENV"
 fi
 
 # CUDA: with the toolkit (nvcc) present the build links LibTorch's CUDA libraries and NCCL and compiles the

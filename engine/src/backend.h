@@ -50,6 +50,14 @@ class Backend {
   virtual void check_size(Size size) const { (void)size; }
   /// Frames made at once: the engine feeds a worker this many frames of audio per unit of work.
   virtual int frames_per_block() const { return 1; }
+  /// Warnings from making the backend (e.g. a model folder without its LoRA), for Engine::take_warnings().
+  virtual std::vector<std::string> startup_warnings() const { return {}; }
+  /// Denoising steps of a full block (1: the backend does not work in steps).
+  virtual int max_steps() const { return 1; }
+  /// Steps of the blocks started from now on, 1 .. max_steps() (Engine::set_denoising_steps).
+  virtual void set_steps(int steps) { (void)steps; }
+  /// Steps the last block was made with (0: none yet, or the backend has no steps).
+  virtual int last_block_steps() const { return 0; }
   /// Whether "auto" runs this backend on a worker thread (long blocks) or inline (cheap frames, rendered when taken).
   virtual bool prefers_worker() const { return false; }
   /// The plan the backend runs (fixed at construction).

@@ -128,9 +128,11 @@ class EngineImpl final : public Engine {
     if (config.testing_block_delay_ms < 0)
       throw Error("testing_block_delay_ms must be 0 or positive, got " + std::to_string(config.testing_block_delay_ms));
     if (config.testing_block_delay_ms > 0) backend_ = make_slow_backend(std::move(backend_), config);
+    warnings_ = backend_->startup_warnings();
     if (requested_.width) backend_->check_size(requested_);
     backend_->set_cancel_flag(&cancel_);
     fpb_ = std::max(1, backend_->frames_per_block());
+    steps_full_ = std::max(1, backend_->max_steps());
     threaded_ = config.worker == "thread" || (config.worker == "auto" && backend_->prefers_worker());
     capacity_ = config.max_queued_frames > 0 ? static_cast<size_t>(std::max(config.max_queued_frames, fpb_))
                                              : static_cast<size_t>(std::max(2 * fpb_, 25));
@@ -301,6 +303,7 @@ class EngineImpl final : public Engine {
     work_ms_ = 0;
     stats_ = EngineStats{};
     first_audio_ = Clock::time_point{};
+    steps_req_ = 0;  // a new stream starts at full quality
     cancel_ = false;
   }
 
@@ -338,6 +341,11 @@ class EngineImpl final : public Engine {
     cv_work_.notify_one();  // room in the queue; stale audio to drop
   }
 
+  void set_denoising_steps(int steps) override {
+    if (steps < 0) throw Error("denoising steps must be 0 (the full count) or positive, got " + std::to_string(steps));
+    steps_req_ = std::min(steps, steps_full_);
+  }
+
   std::chrono::nanoseconds latency() const override {
     const EngineStats s = stats();
     const double frame_ns = 1e9 * config_.fps_d / config_.fps_n;
@@ -357,6 +365,9 @@ class EngineImpl final : public Engine {
     s.frames_taken = next_index_;
     s.frames_queued = static_cast<int64_t>(frames_.size());
     s.frames_pending = std::max<int64_t>(0, frames_submitted_ - frames_made_ - dropped_unmade_);
+    s.steps_full = steps_full_;
+    const int req = steps_req_.load();
+    s.steps = req > 0 ? req : steps_full_;
     return s;
   }
 
@@ -391,7 +402,24 @@ class EngineImpl final : public Engine {
       cv_work_.notify_one();
       return;
     }
-    run_inline([&] { backend_->push_audio_frames(samples, frames); });
+    run_inline([&] {
+      apply_steps();
+      backend_->push_audio_frames(samples, frames);
+      note_steps(backend_->last_block_steps(), 0);
+    });
+  }
+
+  // The requested step count, for the blocks the backend starts now (backend_mu_ held, or the caller's thread).
+  void apply_steps() {
+    const int req = steps_req_.load();
+    backend_->set_steps(req > 0 ? req : steps_full_);
+  }
+
+  // The steps of the last block, and `blocks` more blocks made with them.
+  void note_steps(int used, int64_t blocks) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (used > 0) stats_.steps_last_block = used;
+    if (used > 0 && used < steps_full_) stats_.blocks_degraded += blocks;
   }
 
   // Inline mode: the backend's work in the caller's thread, timed like the worker's.
@@ -504,14 +532,17 @@ class EngineImpl final : public Engine {
       lock.unlock();
 
       std::vector<Frame> made;
+      int steps_used = 0;
       std::exception_ptr error;
       const auto t0 = Clock::now();
       try {
         std::lock_guard<std::mutex> backend_lock(backend_mu_);
+        apply_steps();
         if (frames) backend_->push_audio_frames(unit.data(), frames);
         if (at_end) backend_->finish(total);
         Frame f;
         while (backend_->render_next(&f)) made.push_back(std::move(f));
+        steps_used = backend_->last_block_steps();
       } catch (const Cancelled&) {
         // cancel() or reset(): the caller sees Cancelled through cancel_.
       } catch (...) {
@@ -526,6 +557,9 @@ class EngineImpl final : public Engine {
         work_ms_ += ms;
         frames_made_ += static_cast<int64_t>(made.size());
         account_frames(static_cast<int64_t>(made.size()));
+        if (steps_used > 0) stats_.steps_last_block = steps_used;
+        if (steps_used > 0 && steps_used < steps_full_)
+          stats_.blocks_degraded += (static_cast<int64_t>(made.size()) + fpb_ - 1) / fpb_;
         for (auto& f : made) {
           f.index = stream_index(f.index);
           frames_.push_back(std::move(f));
@@ -576,6 +610,8 @@ class EngineImpl final : public Engine {
   mutable std::mutex backend_mu_;
   int spf_ = 640;
   int fpb_ = 1;
+  int steps_full_ = 1;
+  std::atomic<int> steps_req_{0};  // set_denoising_steps (0: full), read when a block starts
   bool threaded_ = false;
   size_t capacity_ = 25;
   Size requested_;

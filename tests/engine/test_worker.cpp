@@ -367,6 +367,39 @@ TEST(Worker, TestingBlockDelayMakesThePuppetASlowBlockBackend) {
   EXPECT_THROW(Engine::create(c), Error);
 }
 
+// Fewer denoising steps (Engine::set_denoising_steps): the block backend makes the next blocks with them, the stats
+// say so, and a block then takes that share of the time (the slow puppet's 4 steps of equal cost).
+TEST(Worker, DenoisingStepsApplyToTheNextBlocks) {
+  auto c = testutil::config(3);
+  c.testing_block_delay_ms = 400;
+  auto e = Engine::create(c);
+  e->set_reference(testutil::portrait().view());
+  EXPECT_EQ(e->stats().steps_full, 4);
+  EXPECT_EQ(e->stats().steps, 4);
+  EXPECT_THROW(e->set_denoising_steps(-1), Error);
+  e->set_denoising_steps(9);
+  EXPECT_EQ(e->stats().steps, 4) << "clamped to the full count";
+  e->set_denoising_steps(1);
+  EXPECT_EQ(e->stats().steps, 1);
+  const auto audio = testutil::vowel(24 * 640);
+  const auto t0 = std::chrono::steady_clock::now();
+  e->push_audio(audio.data(), audio.size());
+  e->finish();
+  Frame f;
+  int n = 0;
+  while (e->pop_frame(&f)) ++n;
+  EXPECT_EQ(n, 24);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 700ms) << "two blocks of 1 step: 2 x 100 ms, not 2 x 400 ms";
+  EXPECT_EQ(e->stats().steps_last_block, 1);
+  EXPECT_EQ(e->stats().blocks_degraded, 2);
+  e->reset();
+  EXPECT_EQ(e->stats().steps, 4) << "a new stream starts at full quality";
+  EXPECT_EQ(e->stats().blocks_degraded, 0);
+  // The puppet without blocks has no steps.
+  auto puppet = Engine::create(testutil::config(3));
+  EXPECT_EQ(puppet->stats().steps_full, 1);
+}
+
 TEST(Worker, UnknownWorkerModeIsRejected) {
   auto c = testutil::config();
   c.worker = "fibers";

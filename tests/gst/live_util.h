@@ -59,6 +59,15 @@ struct Pushed {
   std::vector<guint8> data;
 };
 
+// One "liveavatar-stats" message.
+struct Stats {
+  GstClockTime at = 0;  // running time when it was read
+  int steps = 0, steps_full = 0;
+  gint64 frames_pending = 0, frames_queued = 0, blocks_degraded = 0;
+  double fps = 0;
+  bool speaking = false;
+};
+
 struct LiveRun {
   std::vector<Pushed> frames;
   GstClockTime first_pts = GST_CLOCK_TIME_NONE;  // running time of the first audio sample
@@ -66,6 +75,9 @@ struct LiveRun {
   GstClockTime latency_in_stream = 0;            // ... and while it runs
   int latency_messages_playing = 0;              // LATENCY from the element after PLAYING
   guint64 qos_processed = 0, qos_dropped = 0;    // the last QoS message's counts
+  std::vector<GstClockTime> replaced;            // running times of the frames the QoS messages report replaced
+  int qos_quality_min = 1000000;                 // the lowest quality a QoS message reported
+  std::vector<Stats> stats;                      // the element's stats messages
   double cpu = 0, wall = 0;                      // CPU and wall seconds from PLAYING to EOS
   double cpu_first = 0, wall_first = 0;          // ... and from PLAYING to the first frame
   std::string error;
@@ -73,7 +85,7 @@ struct LiveRun {
 
 // A live pipeline: a still portrait, `seconds` of speech pushed as a live source would (100 ms buffers, each when
 // its last sample is due), and the element with `props`; `block_ms` > 0 makes it a slow block model.
-inline LiveRun run_live(const std::string& props, int block_ms, double seconds) {
+inline LiveRun run_live(const std::string& props, int block_ms, double seconds, int slow_blocks = 0) {
   GError* err = nullptr;
   const std::string launch =
       "appsrc name=img format=time caps=video/x-raw,format=RGB,width=512,height=512,framerate=0/1 ! videoconvert ! "
@@ -89,6 +101,7 @@ inline LiveRun run_live(const std::string& props, int block_ms, double seconds) 
   GstElement* out = gst_bin_get_by_name(GST_BIN(pipe), "out");
   GstElement* la = gst_bin_get_by_name(GST_BIN(pipe), "la");
   if (block_ms > 0) g_object_set_data(G_OBJECT(la), "liveavatar-testing-block-delay-ms", GINT_TO_POINTER(block_ms));
+  if (slow_blocks > 0) g_object_set_data(G_OBJECT(la), "liveavatar-testing-slow-blocks", GINT_TO_POINTER(slow_blocks));
 
   std::mutex mutex;
   struct Probe {
@@ -168,7 +181,32 @@ inline LiveRun run_live(const std::string& props, int block_ms, double seconds) 
         gst_bin_recalculate_latency(GST_BIN(pipe));  // what an application does
       } else if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_QOS && GST_MESSAGE_SRC(m) == GST_OBJECT(la)) {
         GstFormat fmt;
+        const guint64 dropped_before = run.qos_dropped;
         gst_message_parse_qos_stats(m, &fmt, &run.qos_processed, &run.qos_dropped);
+        gboolean live;
+        guint64 rt, stream_time, ts, dur;
+        gst_message_parse_qos(m, &live, &rt, &stream_time, &ts, &dur);
+        if (run.qos_dropped > dropped_before) run.replaced.push_back(rt);
+        gint64 jitter;
+        gdouble proportion;
+        gint quality;
+        gst_message_parse_qos_values(m, &jitter, &proportion, &quality);
+        run.qos_quality_min = std::min(run.qos_quality_min, quality);
+      } else if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_ELEMENT && GST_MESSAGE_SRC(m) == GST_OBJECT(la) &&
+                 gst_structure_has_name(gst_message_get_structure(m), "liveavatar-stats")) {
+        const GstStructure* st = gst_message_get_structure(m);
+        Stats x;
+        x.at = running_time();
+        gst_structure_get_int(st, "denoising-steps", &x.steps);
+        gst_structure_get_int(st, "denoising-steps-full", &x.steps_full);
+        gst_structure_get_int64(st, "frames-pending", &x.frames_pending);
+        gst_structure_get_int64(st, "frames-queued", &x.frames_queued);
+        gst_structure_get_int64(st, "blocks-degraded", &x.blocks_degraded);
+        gst_structure_get_double(st, "fps", &x.fps);
+        gboolean speaking = FALSE;
+        gst_structure_get_boolean(st, "speaking", &speaking);
+        x.speaking = speaking;
+        run.stats.push_back(x);
       } else if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_ERROR) {
         GError* e = nullptr;
         gst_message_parse_error(m, &e, nullptr);

@@ -197,6 +197,55 @@ GstVideoInfo output_info(GstHarness* h) {
 
 }  // namespace
 
+// What gst-inspect-1.0 shows of each of the element's own properties: a nick and a blurb that says what it does and
+// when it can be changed (the flag GST_PARAM_MUTABLE_* says the same), readable and writable, and a default that
+// lies in its range and is what a new element holds.
+TEST(Element, EveryPropertyHasABlurbRangeDefaultAndMutability) {
+  GstElement* e = gst_element_factory_make("liveavatar", nullptr);
+  ASSERT_NE(e, nullptr);
+  guint n = 0;
+  GParamSpec** specs = g_object_class_list_properties(G_OBJECT_GET_CLASS(e), &n);
+  int own = 0;
+  for (guint i = 0; i < n; ++i) {
+    GParamSpec* p = specs[i];
+    if (p->owner_type != G_OBJECT_TYPE(e)) continue;  // GstAggregator's and GstObject's
+    ++own;
+    const std::string name = g_param_spec_get_name(p);
+    const char* nick = g_param_spec_get_nick(p);
+    const char* blurb = g_param_spec_get_blurb(p);
+    ASSERT_TRUE(nick && *nick) << name;
+    ASSERT_TRUE(blurb && std::string(blurb).size() >= 30) << name << ": blurb too short to say what it does";
+    const std::string b = g_ascii_strdown(blurb, -1);
+    EXPECT_TRUE((p->flags & G_PARAM_READABLE) && (p->flags & G_PARAM_WRITABLE)) << name;
+    const bool ready = p->flags & GST_PARAM_MUTABLE_READY, playing = p->flags & GST_PARAM_MUTABLE_PLAYING,
+               paused = p->flags & GST_PARAM_MUTABLE_PAUSED;
+    EXPECT_EQ(ready + playing + paused, 1) << name << ": exactly one GST_PARAM_MUTABLE_* flag";
+    if (ready) {
+      EXPECT_NE(b.find("changeable in null/ready only"), std::string::npos) << name << ": " << blurb;
+    }
+    if (playing) {
+      EXPECT_NE(b.find("changeable in any state"), std::string::npos) << name << ": " << blurb;
+    }
+    GValue def = G_VALUE_INIT, held = G_VALUE_INIT;
+    g_value_init(&def, p->value_type);
+    g_value_init(&held, p->value_type);
+    g_param_value_set_default(p, &def);
+    EXPECT_FALSE(g_param_value_validate(p, &def)) << name << ": default outside its range";
+    g_object_get_property(G_OBJECT(e), name.c_str(), &held);
+    EXPECT_EQ(g_param_values_cmp(p, &def, &held), 0) << name << ": a new element does not hold the default";
+    if (G_IS_PARAM_SPEC_ENUM(p)) {
+      GEnumClass* ec = G_PARAM_SPEC_ENUM(p)->enum_class;
+      for (guint k = 0; k < ec->n_values; ++k)
+        EXPECT_GE(std::string(ec->values[k].value_name).size(), 10u) << name << "=" << ec->values[k].value_nick;
+    }
+    g_value_unset(&def);
+    g_value_unset(&held);
+  }
+  g_free(specs);
+  EXPECT_GE(own, 13) << "the element's own properties";
+  gst_object_unref(e);
+}
+
 TEST(Element, FrameCountTimestampsAndEos) {
   Avatar a;
   a.set_image(portrait().width, portrait().height);

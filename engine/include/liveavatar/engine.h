@@ -23,13 +23,14 @@
 // covers the tail, none goes beyond it, and zero samples give zero frames.
 //
 // Thread-safety: an Engine serves one stream. Its methods must not be called concurrently (the caller serialises),
-// except cancel(), latency() and stats(), which any thread may call at any time; distinct Engines are independent.
+// except cancel(), set_denoising_steps(), latency() and stats(), which any thread may call at any time; distinct Engines are independent.
 // Errors are thrown as liveavatar::Error whose what() tells the user what to do.
 #pragma once
 
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -88,6 +89,15 @@ constexpr int64_t kDefaultMaxArea = 704 * 384;
 /// images below kMinReferenceSide or a max_area below 64 x 64.
 Size model_output_size(int reference_width, int reference_height, int64_t max_area = kDefaultMaxArea);
 
+/// How far Engine::create has got loading a model (backend "liveavatar"; the puppet loads nothing).
+struct LoadProgress {
+  std::string file;      // the file being read now ("" once everything is read)
+  int files_done = 0;    // files read completely
+  int files_total = 0;
+  uint64_t bytes_done = 0;   // bytes of the weight files read so far
+  uint64_t bytes_total = 0;  // bytes of all the weight files
+};
+
 struct EngineConfig {
   std::string backend = "puppet";  // "puppet" (CPU, no weights) or "liveavatar" (the neural model, needs model_dir)
   int width = 0;                   // output width, 0 = the backend's default for the reference (puppet:
@@ -126,10 +136,17 @@ struct EngineConfig {
   std::string worker = "auto";
   int max_queued_frames = 0;  // bound of the frame queue of the worker; 0 = two blocks, at least 25 frames
 
+  // Called by Engine::create (on its thread) as it loads: at each file and, for the DiT, at each tensor. It may
+  // throw Cancelled to stop the load; create() then throws Cancelled and keeps nothing it loaded.
+  std::function<void(const LoadProgress&)> on_load_progress;
+
   // Tests only (lag handling without a model): > 0 makes backend "puppet" work like a slow block model, in blocks
   // of 12 frames on the worker, sleeping this long per block (cancellable). Not reachable from the element's
   // properties.
   int testing_block_delay_ms = 0;
+  // Tests only: > 0 = only the first this many blocks of a stream take testing_block_delay_ms, later ones a tenth of
+  // it (a model that falls behind, then catches up).
+  int testing_slow_blocks = 0;
 };
 
 /// What the engine is doing, for the element's latency, QoS and stats messages and for the bench.
@@ -144,6 +161,10 @@ struct EngineStats {
   double ms_per_block = 0;      // processing time of one block: moving average over recent blocks (0: none yet)
   double ms_last_block = 0;     // processing time of the last block
   double ms_first_frame = 0;    // from the first audio of the stream to its first frame being ready (0: not yet)
+  int steps_full = 1;           // denoising steps of a full-quality block (liveavatar: 4; backends without: 1)
+  int steps = 1;                // steps the next block is made with (set_denoising_steps)
+  int steps_last_block = 0;     // steps the last block was made with (0: none yet)
+  int64_t blocks_degraded = 0;  // blocks made with fewer than steps_full steps in this stream
 };
 
 /// How the work is spread over devices (rank 0's view, fixed when the engine is created), for messages and logs.
@@ -223,6 +244,12 @@ class Engine {
   /// discarded, and the next frame returned is `index` (or later). Frame indices stay those of the audio; the frame
   /// count after finish() is unchanged. A worker catches up at once instead of working through stale blocks.
   virtual void skip_to(int64_t index) = 0;
+
+  /// Denoising steps of the blocks started from now on, 1 .. stats().steps_full; 0 = the full count. A live caller
+  /// lowers it to catch up when the model falls behind (lag-policy=degrade) and raises it again once it keeps up.
+  /// Backends that do not denoise in steps ignore it (except the tests' slow backend, whose blocks then take
+  /// proportionally less time). Any thread may call it.
+  virtual void set_denoising_steps(int steps) = 0;
 
   /// Delay from the audio of a frame arriving to that frame being ready: one block of audio to collect, plus the
   /// processing time of a block, plus the blocks of audio queued ahead of it. Any thread may call it.

@@ -192,6 +192,9 @@ struct LoadOptions {
   /// Drop each source tensor's mapped file pages once copied, when the tensors are read through the mapping (a
   /// Checkpoint passed in); a path is read with pread and never maps them.
   bool release_pages = true;
+  /// Called before each tensor is read, with its bytes in the checkpoint (load progress); may throw (e.g.
+  /// liveavatar::Cancelled) to stop the load, which leaves the model unusable.
+  std::function<void(uint64_t bytes)> on_tensor;
 };
 
 class CausalWanModelS2V;  // the module tree (engine/src/dit/model.h)
@@ -285,6 +288,7 @@ struct SessionOptions {
 
 struct BlockResult {
   at::Tensor latents;                  // [C, frames_per_block, H, W] denoised latents
+  std::vector<int64_t> steps;          // the schedule's steps that were run (all of them unless set_steps lowered it)
   std::vector<int64_t> rope_offsets;   // the offsets used, one per step
   std::vector<at::Tensor> velocities;  // the DiT output of each step, [C, frames_per_block, H, W]
 };
@@ -312,6 +316,15 @@ class Session {
   int64_t blocks_done() const;
   /// CUDA graphs in use: "off", "eager: <why>" or "<n> graphs, <m> replays".
   std::string graph_status() const;
+  /// Denoising steps of the next blocks, 1 .. sampling_steps (default: all). Fewer steps run a subset of the
+  /// schedule: the first step (the only one that starts from pure noise) and the last steps - 1, each Euler step
+  /// going straight to the next step that is run. The KV rings of the skipped steps get this block's keys and
+  /// values from the ring of the run step nearest in noise level, so later blocks at any step count attend to
+  /// every earlier block at its position. Throws DitError outside 1 .. sampling_steps.
+  void set_steps(int64_t steps);
+  int64_t steps() const;
+  /// The schedule's step indices that `steps` denoising steps run (see set_steps).
+  static std::vector<int64_t> step_subset(int64_t sampling_steps, int64_t steps);
 
  private:
   struct State;

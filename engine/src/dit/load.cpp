@@ -185,6 +185,7 @@ void load_streaming(CausalWanModelS2VImpl& module, const weights::Checkpoint& ck
   for (const Source& s : plan) {
     at::Tensor target = params[s.param];
     const at::Tensor& view = ck.tensors.at(s.key);
+    if (options.on_tensor) options.on_tensor(static_cast<uint64_t>(view.nbytes()));
     const auto dev = target.device();
     const bool merge = lora.count(s.key) != 0;
     const at::Tensor src = read(view, s.kind == Source::kCopy && !merge ? target : at::Tensor());

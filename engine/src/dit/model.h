@@ -2,6 +2,8 @@
 // prefill and the per-block denoising call. SPDX-License-Identifier: LGPL-2.1-or-later
 #pragma once
 
+#include <functional>
+
 #include <torch/nn/modules/activation.h>
 
 #include "modules.h"
@@ -142,6 +144,9 @@ struct StreamLoadOptions {
   /// Read tensors that view a file mapping with pread (straight into a CPU parameter of the same dtype, else
   /// through one reused host buffer) instead of faulting the mapping in. Only for checkpoints nobody wrote to.
   bool read_files = false;
+  /// Called before each tensor is read, with its bytes in the checkpoint (progress); may throw (e.g.
+  /// liveavatar::Cancelled) to stop the load.
+  std::function<void(uint64_t bytes)> on_tensor;
 };
 void load_streaming(CausalWanModelS2VImpl& module, const weights::Checkpoint& checkpoint,
                     const StreamLoadOptions& options);

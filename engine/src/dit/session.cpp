@@ -3,6 +3,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <cmath>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -184,6 +186,7 @@ void Model::build(const weights::Checkpoint* checkpoint, const LoadOptions& opti
   lo.fp8_scaling = options.fp8_scaling;
   lo.release_pages = options.release_pages;
   lo.read_files = own_checkpoint;  // opened here: nobody wrote to its mappings
+  lo.on_tensor = options.on_tensor;
   load_streaming(**module_, *checkpoint, lo);
 }
 
@@ -286,6 +289,7 @@ struct Session::State {
   int64_t frame_tokens = 0;
   int64_t block = 0;  // blocks generated (absolute)
   int64_t calls = 0;  // DiT calls made (for the RoPE offsets)
+  int64_t steps = 0;  // denoising steps per block (set_steps); 0 = the whole schedule
   bool caches_valid = false;  // set_condition completed
   std::vector<std::unique_ptr<cuda::Graphs>> graphs;  // one per shard (SessionOptions::cuda_graphs)
 };
@@ -376,6 +380,28 @@ void Session::prefill_sink(const at::Tensor& ref, const at::Tensor& motion) {
   st.segments = in.segments;
 }
 
+void Session::set_steps(int64_t steps) {
+  const int64_t n = shards_.front()->config().sampling_steps;
+  if (steps < 1 || steps > n)
+    throw DitError("denoising steps must be 1 .. " + std::to_string(n) + ", got " + std::to_string(steps));
+  state_->steps = steps;
+}
+
+int64_t Session::steps() const {
+  return state_->steps > 0 ? state_->steps : shards_.front()->config().sampling_steps;
+}
+
+// The first step is the only one trained on pure noise, and the last ones write the KV rings of the nearly clean
+// latents that later blocks lean on most: fewer steps drop the ones in between, from the second on.
+std::vector<int64_t> Session::step_subset(int64_t sampling_steps, int64_t steps) {
+  if (sampling_steps < 1 || steps < 1 || steps > sampling_steps)
+    throw DitError("denoising steps must be 1 .. " + std::to_string(sampling_steps) + ", got " +
+                   std::to_string(steps));
+  std::vector<int64_t> out{0};
+  for (int64_t i = sampling_steps - steps + 1; i < sampling_steps; ++i) out.push_back(i);
+  return out;
+}
+
 void Session::set_refresh_motion(const at::Tensor& motion_latents) { state_->refresh_motion = motion_latents; }
 
 namespace {
@@ -384,6 +410,13 @@ uint64_t splitmix64(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
+}
+// An Euler step from the schedule's step `from` straight to step `to` (the end of the schedule: sigma 0). With
+// to = from + 1 it computes exactly what euler_step does.
+at::Tensor euler_jump(const at::Tensor& x, const at::Tensor& velocity, const Schedule& schedule, int64_t from,
+                      int64_t to) {
+  const auto dt = schedule.sigmas[to] - schedule.sigmas[from];  // 0-dim float32
+  return (x.to(at::kFloat) + dt.to(velocity.device()) * velocity).to(velocity.scalar_type());
 }
 }  // namespace
 
@@ -414,10 +447,15 @@ BlockResult Session::generate_block(const at::Tensor& audio, const std::optional
   const int64_t current_start = st.block * cfg.frames_per_block * st.frame_tokens;
 
   BlockResult result;
+  result.steps = step_subset(cfg.sampling_steps, st.steps > 0 ? st.steps : cfg.sampling_steps);
   const int64_t calls_before = st.calls;
+  RingWindow window;
+  int64_t seq = 0;
   try {
-    for (int64_t i = 0; i < cfg.sampling_steps; ++i) {
-      if (i > 0) check_cancelled();
+    for (size_t j = 0; j < result.steps.size(); ++j) {
+      const int64_t i = result.steps[j];
+      const int64_t to = j + 1 < result.steps.size() ? result.steps[j + 1] : cfg.sampling_steps;
+      if (j > 0) check_cancelled();
       int64_t offset;
       if (st.calls < static_cast<int64_t>(options_.rope_offsets.size())) {
         offset = options_.rope_offsets[static_cast<size_t>(st.calls)];
@@ -431,6 +469,8 @@ BlockResult Session::generate_block(const at::Tensor& audio, const std::optional
       result.rope_offsets.push_back(offset);
       const double t = st.schedule.timesteps[i].item<double>();
       auto in = first.prepare(latents, t, a, st.segments, current_start, offset, st.capacity);
+      window = in.window;
+      seq = in.hidden.size(1);
       for (size_t k = 0; k < shards_.size(); ++k) {
         if (k > 0) check_cancelled();
         if (st.graphs.empty()) {
@@ -449,12 +489,35 @@ BlockResult Session::generate_block(const at::Tensor& audio, const std::optional
       }
       const auto velocity = last.head(in).to(first.device());
       result.velocities.push_back(velocity);
-      latents = euler_step(latents, velocity, st.schedule, i);
+      latents = euler_jump(latents, velocity, st.schedule, i, to);
     }
   } catch (const Cancelled&) {
     // The block is dropped: the next call redoes it at the same position (ring rows are overwritten).
     st.calls = calls_before;
     throw;
+  }
+  // Skipped steps: their rings take this block's K/V from the run step nearest in noise level (the noisier one on a
+  // tie), so the block is at its place in every ring and no ring keeps the stale rows of a block 12 frames back.
+  if (static_cast<int64_t>(result.steps.size()) < cfg.sampling_steps) {
+    const auto sig = st.schedule.sigmas;
+    for (int64_t s = 0; s < cfg.sampling_steps; ++s) {
+      if (std::find(result.steps.begin(), result.steps.end(), s) != result.steps.end()) continue;
+      int64_t from = result.steps.front();
+      double best = 1e30;
+      for (const int64_t u : result.steps) {
+        const double d = std::abs(sig[s].item<double>() - sig[u].item<double>());
+        if (d < best) best = d, from = u;
+      }
+      for (auto& shard : st.shards) {
+        auto& dst = shard.rings[static_cast<size_t>(s)].layers;
+        const auto& src = shard.rings[static_cast<size_t>(from)].layers;
+        for (size_t l = 0; l < dst.size(); ++l) {
+          if (!dst[l].k.defined() || !src[l].k.defined()) continue;  // a layer of another shard
+          dst[l].k.slice(1, window.start, window.start + seq).copy_(src[l].k.slice(1, window.start, window.start + seq));
+          dst[l].v.slice(1, window.start, window.start + seq).copy_(src[l].v.slice(1, window.start, window.start + seq));
+        }
+      }
+    }
   }
   if (clip == 0 && in_clip == 0) st.ref = latents.slice(1, 0, 1).clone();  // the next sink's reference
   ++st.block;

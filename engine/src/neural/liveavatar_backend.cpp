@@ -8,12 +8,14 @@
 // SPDX-License-Identifier: LGPL-2.1-or-later
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include <algorithm>
 #include <fstream>
 #include <atomic>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -85,6 +87,73 @@ struct ModelFiles {
     }
     return f;
   }
+};
+
+uint64_t file_bytes(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : 0;
+}
+
+// Load progress in four parts, each a file or a set of files: the DiT (its shards, and the LoRA merged into it),
+// the VAE, wav2vec2 and umT5. Bytes are the files' sizes; inside the DiT they advance tensor by tensor. The
+// callback may throw Cancelled, which stops the load.
+class Progress {
+ public:
+  Progress(const EngineConfig& c, const ModelFiles& f) : callback_(c.on_load_progress) {
+    uint64_t dit = 0;
+    DIR* d = opendir(f.base.c_str());
+    if (d) {
+      while (dirent* e = readdir(d)) {
+        const std::string name = e->d_name;
+        if (name.rfind("diffusion_pytorch_model", 0) == 0 && name.size() > 12 &&
+            name.compare(name.size() - 12, 12, ".safetensors") == 0)
+          dit += file_bytes(f.base + "/" + name);
+      }
+      closedir(d);
+    }
+    uint64_t w2v = file_bytes(f.wav2vec2 + "/model.safetensors");
+    if (w2v == 0) w2v = file_bytes(f.wav2vec2 + "/pytorch_model.bin");
+    parts_ = {{f.base + "/diffusion_pytorch_model*.safetensors", dit + (f.lora.empty() ? 0 : file_bytes(f.lora))},
+              {f.vae, file_bytes(f.vae)},
+              {f.wav2vec2, w2v},
+              {f.t5, file_bytes(f.t5)}};
+    for (const auto& p : parts_) total_ += p.second;
+  }
+  // Part `i` starts (all before it are read).
+  void begin(int i) {
+    part_ = i;
+    done_ = 0;
+    for (int k = 0; k < i; ++k) done_ += parts_[static_cast<size_t>(k)].second;
+    in_part_ = 0;
+    report();
+  }
+  // `bytes` more of the current part are being read (capped at the part's size).
+  void advance(uint64_t bytes) {
+    in_part_ = std::min(parts_[static_cast<size_t>(part_)].second, in_part_ + bytes);
+    report();
+  }
+  void end() {
+    part_ = static_cast<int>(parts_.size());
+    done_ = total_;
+    in_part_ = 0;
+    report();
+  }
+
+ private:
+  void report() const {
+    if (!callback_) return;
+    LoadProgress p;
+    p.file = part_ < static_cast<int>(parts_.size()) ? parts_[static_cast<size_t>(part_)].first : "";
+    p.files_done = part_;
+    p.files_total = static_cast<int>(parts_.size());
+    p.bytes_done = done_ + in_part_;
+    p.bytes_total = total_;
+    callback_(p);
+  }
+  std::function<void(const LoadProgress&)> callback_;
+  std::vector<std::pair<std::string, uint64_t>> parts_;
+  uint64_t total_ = 0, done_ = 0, in_part_ = 0;
+  int part_ = 0;
 };
 
 // Shapes that upstream hard-codes for the real model are read off the checkpoint tensors instead, so a tiny test
@@ -260,8 +329,10 @@ struct ParallelSetup {
 // The DiT that rank config.rank() holds, built on its device and read from the files with the LoRA merged: the whole
 // model (single, step) or its stage's layers.
 std::unique_ptr<dit::Model> load_rank_dit(const EngineConfig& c, const ModelFiles& files,
-                                          const dit::ModelConfig& dit_config, const parallel::ParallelConfig& pc) {
+                                          const dit::ModelConfig& dit_config, const parallel::ParallelConfig& pc,
+                                          std::function<void(uint64_t)> on_tensor = {}) {
   dit::LoadOptions lo;
+  lo.on_tensor = std::move(on_tensor);
   lo.device = pc.device();
   lo.precision = dit::parse_precision(c.precision);
   if (!files.lora.empty()) {
@@ -299,6 +370,8 @@ struct Models {
   Models(const EngineConfig& c, ParallelSetup parallel_setup)
       : files(ModelFiles::locate(c)), setup(std::move(parallel_setup)) {
     c10::NoGradGuard no_grad;
+    Progress progress(c, files);
+    progress.begin(0);
     const c10::Device device = setup.config.devices().front();  // rank 0's: VAE, audio and text encoders too
 
     dit_config = dit::ModelConfig::from_json_file(files.dit_config);
@@ -313,12 +386,15 @@ struct Models {
     const bool per_rank = setup.local_ranks && (pc.plan() == parallel::Plan::kStage ||
                                                 (pc.plan() == parallel::Plan::kStep && !one_device));
     const int held = per_rank ? pc.world_size() : 1;
-    for (int r = 0; r < held; ++r) dits.push_back(load_rank_dit(c, files, dit_config, pc.with_rank(r)));
+    for (int r = 0; r < held; ++r) dits.push_back(load_rank_dit(c, files, dit_config, pc.with_rank(r),
+                                      [&progress](uint64_t bytes) { progress.advance(bytes); }));
 
+    progress.begin(1);
     auto vae_ckpt = weights::load_pth(files.vae);
     vae = std::make_unique<vae::WanVae>(infer_vae_config(vae_ckpt, files.vae), device, c10::kFloat);
     vae->load(vae_ckpt);
 
+    progress.begin(2);
     audio = std::make_unique<audio::AudioEncoder>(audio::AudioEncoder::from_folder(files.wav2vec2, device));
     const auto& ac = audio->config();
     if (ac.hidden_size != dit_config.audio_dim || ac.num_hidden_states() != dit_config.audio_layers)
@@ -327,6 +403,7 @@ struct Models {
                   std::to_string(dit_config.audio_layers) + " of width " + std::to_string(dit_config.audio_dim) +
                   ": the files come from different models");
 
+    progress.begin(3);
     auto t5_ckpt = weights::load_pth(files.t5);
     text_options.checkpoint = files.t5;
     text_options.tokenizer = files.tokenizer;
@@ -338,6 +415,7 @@ struct Models {
       throw Error("the umT5 encoder in " + files.t5 + " is " + std::to_string(text_options.config.dim) +
                   " wide but the DiT expects text_dim " + std::to_string(dit_config.text_dim) +
                   ": the files come from different models");
+    progress.end();
   }
 };
 
@@ -448,6 +526,18 @@ class LiveAvatarBackend final : public Backend {
   }
 
   int frames_per_block() const override { return static_cast<int>(block_frames()); }
+  std::vector<std::string> startup_warnings() const override {
+    if (!models_->files.lora.empty()) return {};
+    return {"model-dir " + config_.model_dir + " has no LiveAvatar/liveavatar.safetensors: running the Wan2.2-S2V "
+            "weights without the LiveAvatar LoRA, which the streaming model needs for good pictures (add the file, "
+            "or set lora to where it is)"};
+  }
+  int max_steps() const override { return static_cast<int>(models_->dit_config.sampling_steps); }
+  void set_steps(int steps) override {
+    steps_ = std::clamp<int64_t>(steps, 1, models_->dit_config.sampling_steps);
+    if (session_) session_->set_steps(steps_);
+  }
+  int last_block_steps() const override { return last_steps_; }
   bool prefers_worker() const override { return true; }
 
   void push_audio_frames(const float* samples, int frames) override {
@@ -616,6 +706,7 @@ class LiveAvatarBackend final : public Backend {
       conditioned_ = true;
     } else {
       auto session = std::make_unique<dit::Session>(dit(), so);
+      session->set_steps(steps_ > 0 ? steps_ : models_->dit_config.sampling_steps);
       session->set_condition(ref, motion, text);
       session_ = std::move(session);
     }
@@ -658,6 +749,8 @@ class LiveAvatarBackend final : public Backend {
         else on_world([&] { blocks = world_->leader().generate_blocks(inputs); });
         const int64_t first = blocks_done() - static_cast<int64_t>(blocks.size());
         for (size_t i = 0; i < blocks.size(); ++i) {
+          last_steps_ = blocks[i].steps.empty() ? static_cast<int>(models_->dit_config.sampling_steps)
+                                                : static_cast<int>(blocks[i].steps.size());
           // The previous block's frames were decoded while this block's DiT ran.
           if (decoding) take_frames(*decoding);
           decoding = DecodingBlock{};
@@ -734,6 +827,8 @@ class LiveAvatarBackend final : public Backend {
   at::Tensor features_;  // [layers, dim, frames] not yet given to the DiT
   std::deque<Frame> ready_;
   int64_t frames_queued_ = 0;
+  int64_t steps_ = 0;     // denoising steps of the next blocks (0: the model's full count)
+  int last_steps_ = 0;    // steps of the last block made
   const std::atomic<bool>* cancel_ = nullptr;
   std::shared_ptr<const neural::TestSeams> seams_;  // tests only (test_seams.h)
   int64_t seam_frames_ = 0;                          // frames of seams_->audio_features handed out
