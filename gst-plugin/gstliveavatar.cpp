@@ -1294,6 +1294,8 @@ static gboolean start_impl(GstLiveAvatar* self) {
   // block model, to test the lag policies without model weights.
   config.testing_block_delay_ms =
       GPOINTER_TO_INT(g_object_get_data(G_OBJECT(self), "liveavatar-testing-block-delay-ms"));
+  if (const auto* fault = static_cast<const char*>(g_object_get_data(G_OBJECT(self), "liveavatar-testing-fault")))
+    config.testing_fault = fault;  // tests only, the same way: the backend fails on purpose (tests/hardening)
   if (!parse_mouth_box(settings.mouth_box, &config.mouth_box)) {
     GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("mouth-box \"%s\" is not x,y,width,height.",
                                                   settings.mouth_box.c_str()),
@@ -1308,7 +1310,8 @@ static gboolean start_impl(GstLiveAvatar* self) {
   const std::string key = config.backend + "|" + std::to_string(config.width) + "x" + std::to_string(config.height) +
                           "|" + std::to_string(config.seed) + "|" + settings.mouth_box + "|" + config.model_dir +
                           "|" + config.lora + "|" + config.prompt + "|" + config.precision + "|" +
-                          std::to_string(config.max_area) + "|" + std::to_string(config.testing_block_delay_ms);
+                          std::to_string(config.max_area) + "|" + std::to_string(config.testing_block_delay_ms) +
+                          "|" + config.testing_fault;
   GstMessage* msg = gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_START, "load",
                                              "Loading the avatar backend");
   gst_element_post_message(GST_ELEMENT(self), msg);

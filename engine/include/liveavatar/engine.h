@@ -120,6 +120,10 @@ struct EngineConfig {
   // of 12 frames on the worker, sleeping this long per block (cancellable). Not reachable from the element's
   // properties.
   int testing_block_delay_ms = 0;
+  // Tests only (fault injection): "error@N" / "oom@N" / "bad-alloc@N" make the backend throw, when asked for frame N
+  // of a stream, a plain std::exception / a device out-of-memory error / std::bad_alloc. Empty: no fault. Not
+  // reachable from the element's properties.
+  std::string testing_fault;
 };
 
 /// What the engine is doing, for the element's latency, QoS and stats messages and for the bench.
