@@ -3,8 +3,8 @@
 # meson's JUnit logs, so the GoogleTest cases inside one binary count one by one).
 #   scripts/run-tests.sh [BUILD_DIR] [meson test args...]
 # A full run (no meson test args) then runs the sanitizer pass, scripts/sanitize.sh BUILD_DIR/asan (ASan + UBSan +
-# LeakSanitizer, without LibTorch), whose tests are counted too. SANITIZE=0 skips it, SANITIZE=1
-# runs it with args as well.
+# LeakSanitizer, without LibTorch), whose tests are counted too. SANITIZE=0 skips it, SANITIZE=1 runs it (whole)
+# after a run with args as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}; shift || true
@@ -17,7 +17,7 @@ logs=("$log")
 if [ "${SANITIZE:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
   asan_log="$build/asan/meson-logs/testlog.junit.xml"
   rm -f "$asan_log"
-  scripts/sanitize.sh "$build/asan" "$@" || rc=1
+  scripts/sanitize.sh "$build/asan" || rc=1
   logs+=("$asan_log")
   [ -f "$asan_log" ] || rc=1
 fi
