@@ -1314,8 +1314,39 @@ static GstClockTime gst_live_avatar_get_next_time(GstAggregator* agg) {
 }
 
 // Serialized events arrive here on the aggregate thread, in order with the buffers; FLUSH_* on the upstream thread.
+// Timing is in running time of forward TIME segments. Anything else is refused here, in the upstream thread before
+// GstAggregator queues it: its own segment handling trips GLib criticals on such segments (found by
+// tests/fuzz/element_fuzzer.cpp).
+static GstFlowReturn gst_live_avatar_sink_event_pre_queue(GstAggregator* agg, GstAggregatorPad* pad, GstEvent* event) {
+  if (GST_EVENT_TYPE(event) == GST_EVENT_SEGMENT) {
+    const GstSegment* seg = nullptr;
+    gst_event_parse_segment(event, &seg);
+    if (seg->format != GST_FORMAT_TIME || seg->rate <= 0) {
+      GST_ELEMENT_ERROR(agg, STREAM, FORMAT,
+                        ("The %s pad needs a forward segment in time, got one in %s at rate %g.", GST_PAD_NAME(pad),
+                         gst_format_get_name(seg->format), seg->rate),
+                        ("reverse playback and segments in bytes or samples are not supported"));
+      gst_event_unref(event);
+      return GST_FLOW_ERROR;
+    }
+  }
+  return GST_AGGREGATOR_CLASS(gst_live_avatar_parent_class)->sink_event_pre_queue(agg, pad, event);
+}
+
 static gboolean gst_live_avatar_sink_event(GstAggregator* agg, GstAggregatorPad* pad, GstEvent* event) {
   GstLiveAvatar* self = GST_LIVE_AVATAR(agg);
+  if (GST_EVENT_TYPE(event) == GST_EVENT_GAP) {
+    // A GAP with no segment in force (none yet, or none since a flush) has no time to be in; GstAggregator would
+    // clip it against the undefined segment (a GLib critical, found by tests/fuzz/element_fuzzer.cpp). Dropped.
+    GST_OBJECT_LOCK(pad);
+    const bool timed = pad->segment.format == GST_FORMAT_TIME;
+    GST_OBJECT_UNLOCK(pad);
+    if (!timed) {
+      GST_WARNING_OBJECT(pad, "GAP event outside any segment: dropped");
+      gst_event_unref(event);
+      return TRUE;
+    }
+  }
   if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_FLUSH_START && self->priv->state.engine)
     self->priv->state.engine->cancel();  // a block in progress stops at the next block boundary
   if (pad == self->audio_pad && GST_EVENT_TYPE(event) == GST_EVENT_FLUSH_STOP) self->priv->need_reset = true;
@@ -1657,6 +1688,8 @@ static gboolean start_impl(GstLiveAvatar* self) {
   config.testing_block_delay_ms =
       GPOINTER_TO_INT(g_object_get_data(G_OBJECT(self), "liveavatar-testing-block-delay-ms"));
   config.testing_slow_blocks = GPOINTER_TO_INT(g_object_get_data(G_OBJECT(self), "liveavatar-testing-slow-blocks"));
+  if (const auto* fault = static_cast<const char*>(g_object_get_data(G_OBJECT(self), "liveavatar-testing-fault")))
+    config.testing_fault = fault;  // tests only, the same way: the backend fails on purpose (tests/hardening)
   if (!parse_mouth_box(settings.mouth_box, &config.mouth_box)) {
     GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("mouth-box \"%s\" is not x,y,width,height.",
                                                   settings.mouth_box.c_str()),
@@ -1674,7 +1707,8 @@ static gboolean start_impl(GstLiveAvatar* self) {
                           std::to_string(config.max_area) + "|" + std::to_string(config.testing_block_delay_ms) +
                           "|" + config.parallel + "|" + config.devices + "|" + config.kv_precision + "|" +
                           config.rendezvous + "|" + std::to_string(config.parallel_timeout_ms) + "|" +
-                          std::to_string(config.testing_slow_blocks);
+                          std::to_string(config.testing_slow_blocks) + "|" +
+                          config.testing_fault;
   GstMessage* msg = gst_message_new_progress(GST_OBJECT(self), GST_PROGRESS_TYPE_START, "load",
                                              "Loading the avatar backend");
   gst_element_post_message(GST_ELEMENT(self), msg);
@@ -2085,6 +2119,7 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   agg_class->negotiated_src_caps = gst_live_avatar_negotiated_src_caps;
   agg_class->get_next_time = gst_live_avatar_get_next_time;
   agg_class->sink_event = gst_live_avatar_sink_event;
+  agg_class->sink_event_pre_queue = gst_live_avatar_sink_event_pre_queue;
   agg_class->flush = gst_live_avatar_flush;
   agg_class->src_event = gst_live_avatar_src_event;
   agg_class->src_query = gst_live_avatar_src_query;

@@ -67,6 +67,8 @@ class Backend {
 std::unique_ptr<Backend> make_puppet_backend(const EngineConfig& config);
 /// Tests only: `inner` working in blocks of 12 frames on a worker, sleeping config.testing_block_delay_ms per block.
 std::unique_ptr<Backend> make_slow_backend(std::unique_ptr<Backend> inner, const EngineConfig& config);
+/// Tests only: `inner` failing on purpose at a frame, as config.testing_fault says (throws Error for a bad spec).
+std::unique_ptr<Backend> make_fault_backend(std::unique_ptr<Backend> inner, const EngineConfig& config);
 
 using BackendFactory = std::unique_ptr<Backend> (*)(const EngineConfig& config);
 /// Adds a backend under `name` (replacing one of that name). Thread-safe.

@@ -125,6 +125,7 @@ class EngineImpl final : public Engine {
     }
     backend_ = factory(config);
     plan_ = backend_->execution_plan();
+    if (!config.testing_fault.empty()) backend_ = make_fault_backend(std::move(backend_), config);
     if (config.testing_block_delay_ms < 0)
       throw Error("testing_block_delay_ms must be 0 or positive, got " + std::to_string(config.testing_block_delay_ms));
     if (config.testing_block_delay_ms > 0) backend_ = make_slow_backend(std::move(backend_), config);

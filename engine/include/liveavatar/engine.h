@@ -147,6 +147,10 @@ struct EngineConfig {
   // Tests only: > 0 = only the first this many blocks of a stream take testing_block_delay_ms, later ones a tenth of
   // it (a model that falls behind, then catches up).
   int testing_slow_blocks = 0;
+  // Tests only (fault injection): "error@N" / "oom@N" / "bad-alloc@N" make the backend throw, when asked for frame N
+  // of a stream, a plain std::exception / a device out-of-memory error / std::bad_alloc. Empty: no fault. Not
+  // reachable from the element's properties.
+  std::string testing_fault;
 };
 
 /// What the engine is doing, for the element's latency, QoS and stats messages and for the bench.

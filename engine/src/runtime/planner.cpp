@@ -117,8 +117,10 @@ std::vector<Device> parse_devices(const std::string& text, uint64_t context_rese
     char* end = nullptr;
     const long count = std::strtol(n.c_str(), &end, 10);
     const bool gb = size.size() > 2 && size.compare(size.size() - 2, 2, "GB") == 0;
+    // The number must outlive the parse: end2 points into it (a temporary here was read after its end, ASan).
+    const std::string number = gb ? size.substr(0, size.size() - 2) : std::string();
     char* end2 = nullptr;
-    const double gbs = gb ? std::strtod(size.substr(0, size.size() - 2).c_str(), &end2) : 0;
+    const double gbs = gb ? std::strtod(number.c_str(), &end2) : 0;
     if (n.empty() || *end || count < 1 || count > 64 || !gb || *end2 || !(gbs > 0) || gbs > 4096)
       throw PlanError("a device preset is NxSGB (N cards of S GB, e.g. 4x24GB, N in [1, 64]), got '" + text + "'");
     const u64 total = static_cast<u64>(std::llround(gbs * static_cast<double>(kGiB)));

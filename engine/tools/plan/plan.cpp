@@ -133,9 +133,12 @@ int main(int argc, char** argv) {
       else if (a == "--size") {
         const auto v = value();
         const auto x = v.find('x');
+        // Named: e1 / e2 point into them after the parse (temporaries were read after their end, ASan).
+        const std::string hs = x == std::string::npos ? std::string() : v.substr(0, x);
+        const std::string ws = x == std::string::npos ? std::string() : v.substr(x + 1);
         char *e1 = nullptr, *e2 = nullptr;
-        const long h = x == std::string::npos ? 0 : std::strtol(v.substr(0, x).c_str(), &e1, 10);
-        const long w = x == std::string::npos ? 0 : std::strtol(v.substr(x + 1).c_str(), &e2, 10);
+        const long h = x == std::string::npos ? 0 : std::strtol(hs.c_str(), &e1, 10);
+        const long w = x == std::string::npos ? 0 : std::strtol(ws.c_str(), &e2, 10);
         if (x == std::string::npos || *e1 || *e2 || h <= 0 || w <= 0 || h > 16384 || w > 16384)
           throw PlanError("--size expects HEIGHTxWIDTH in pixels (e.g. 704x384), got '" + v + "'");
         r.height = h;
