@@ -32,10 +32,11 @@ build() {  # target sources...
 build safetensors_header_fuzzer "$src/tests/fuzz/safetensors_header_fuzzer.cpp" "$w/safetensors.cpp" "$w/mapped_file.cpp"
 build pth_fuzzer "$src/tests/fuzz/pth_fuzzer.cpp" "$w/pth.cpp" "$w/zip_reader.cpp" "$w/unpickler.cpp" "$w/pth_writer.cpp" \
   "$w/safetensors.cpp" "$w/mapped_file.cpp"
+build index_json_fuzzer "$src/tests/fuzz/index_json_fuzzer.cpp" "$w/safetensors.cpp" "$w/mapped_file.cpp"
 build model_config_fuzzer "$src/tests/fuzz/model_config_fuzzer.cpp" "$src/engine/src/dit/config.cpp" \
   "$src/engine/src/runtime/planner.cpp" "$src/engine/src/runtime/planner_config.cpp"
 status=0
-for target in safetensors_header_fuzzer pth_fuzzer model_config_fuzzer; do
+for target in safetensors_header_fuzzer pth_fuzzer index_json_fuzzer model_config_fuzzer; do
   corpus="$out/corpus-$target"
   mkdir -p "$corpus"
   cp -n "$src/tests/fuzz/corpus/$target"/* "$corpus"/ 2>/dev/null || true
