@@ -200,11 +200,6 @@ uint64_t host_available_bytes() {
   return 0;
 }
 
-uint64_t file_bytes(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : 0;
-}
-
 // The parallel settings resolved before any weight file is read: the plan (auto: the memory planner's choice), one
 // device per rank, rank 0's ParallelConfig, and the planner's bytes per device.
 struct ParallelSetup {
