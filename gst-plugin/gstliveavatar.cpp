@@ -229,8 +229,8 @@ static GType gst_live_avatar_kv_precision_get_type(void) {
   static GType type = 0;
   static const GEnumValue values[] = {
       {GST_LIVE_AVATAR_KV_PRECISION_AUTO, "As the DiT's activations (fp32 with precision=fp32, else bf16)", "auto"},
-      {GST_LIVE_AVATAR_KV_PRECISION_FP32, "32-bit float", "fp32"},
-      {GST_LIVE_AVATAR_KV_PRECISION_BF16, "bfloat16", "bf16"},
+      {GST_LIVE_AVATAR_KV_PRECISION_FP32, "32-bit float KV caches", "fp32"},
+      {GST_LIVE_AVATAR_KV_PRECISION_BF16, "bfloat16 KV caches", "bf16"},
       {GST_LIVE_AVATAR_KV_PRECISION_FP8, "float8 (planned by the memory planner; not held by this engine yet)",
        "fp8"},
       {0, nullptr, nullptr}};
