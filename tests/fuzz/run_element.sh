@@ -35,7 +35,7 @@ compile() {  # source [extra flags]
 }
 for s in engine/src/engine.cpp engine/src/puppet/audio_features.cpp engine/src/puppet/face_layout.cpp \
          engine/src/puppet/puppet_backend.cpp engine/src/testing/slow_backend.cpp \
-         engine/src/testing/fault_backend.cpp engine/src/neural/unavailable.cpp \
+         engine/src/testing/fault_backend.cpp engine/src/neural/unavailable.cpp engine/src/vad/vad.cpp \
          gst-plugin/gstliveavatar.cpp; do
   compile "$src/$s" -fsanitize=fuzzer-no-link
 done
