@@ -64,6 +64,7 @@ struct Stats {
   GstClockTime at = 0;  // running time when it was read
   int steps = 0, steps_full = 0;
   gint64 frames_pending = 0, frames_queued = 0, blocks_degraded = 0;
+  gint64 frames = 0;  // frames out so far
   double fps = 0;
   bool speaking = false;
 };
@@ -202,6 +203,7 @@ inline LiveRun run_live(const std::string& props, int block_ms, double seconds, 
         gst_structure_get_int64(st, "frames-pending", &x.frames_pending);
         gst_structure_get_int64(st, "frames-queued", &x.frames_queued);
         gst_structure_get_int64(st, "blocks-degraded", &x.blocks_degraded);
+        gst_structure_get_int64(st, "frames", &x.frames);
         gst_structure_get_double(st, "fps", &x.fps);
         gboolean speaking = FALSE;
         gst_structure_get_boolean(st, "speaking", &speaking);
