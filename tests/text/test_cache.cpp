@@ -67,6 +67,37 @@ TEST(EmbeddingCache, KeyDependsOnModelFiles) {
   EXPECT_NE(EmbeddingCache(o).path_for("p"), a);
 }
 
+// A load cancelled while umT5 runs (the element going to NULL): the interrupt is asked before the encoder is read and
+// before each layer; its exception ends the computation and nothing is cached; the next call computes it whole.
+TEST(EmbeddingCache, InterruptStopsTheEncoderBetweenLayersAndCachesNothing) {
+  struct Stop {};
+  TempDir dir;
+  auto o = options(dir.path);
+  int calls = 0;
+  o.interrupt = [&calls] { ++calls; };
+  at::Tensor whole;
+  {
+    EmbeddingCache cache(o);
+    whole = cache.get_or_compute("A man talks.");
+  }
+  EXPECT_EQ(calls, 1 + T5Config::tiny().num_layers) << "once before the encoder is read, then before each layer";
+  ASSERT_EQ(std::system(("rm -rf '" + dir.path + "/nested'").c_str()), 0);
+  for (int stop_at = 1; stop_at <= 2; ++stop_at) {
+    int n = 0;
+    o.interrupt = [&n, stop_at] {
+      if (++n == stop_at) throw Stop{};
+    };
+    EmbeddingCache cache(o);
+    EXPECT_THROW(cache.get_or_compute("A man talks."), Stop) << "stopping at call " << stop_at;
+    EXPECT_EQ(n, stop_at) << "the encoder went on after the interrupt threw";
+    EXPECT_EQ(cache.computed(), 0);
+    EXPECT_FALSE(cache.lookup("A man talks.").defined()) << "a cancelled embedding was cached";
+  }
+  o.interrupt = {};
+  EmbeddingCache cache(o);
+  EXPECT_TRUE(at::equal(cache.get_or_compute("A man talks."), whole));
+}
+
 TEST(EmbeddingCache, CorruptFileIsRecomputed) {
   TempDir dir;
   EmbeddingCache cache(options(dir.path));

@@ -107,12 +107,13 @@ at::Tensor EmbeddingCache::get_or_compute(const std::string& prompt) {
   auto cached = lookup(prompt);
   if (cached.defined()) return cached;
   if (!encoder_) {
+    if (options_.interrupt) options_.interrupt();
     tokenizer_ = std::make_unique<Tokenizer>(options_.tokenizer, options_.config.text_len);
     encoder_ = std::make_unique<TextEncoder>(
         TextEncoder::from_file(options_.checkpoint, options_.config, options_.device, options_.dtype));
     encoder_->check_tokenizer(*tokenizer_);
   }
-  auto context = encoder_->encode(*tokenizer_, prompt).contiguous();  // [text_len, dim] float
+  auto context = encoder_->encode(*tokenizer_, prompt, options_.interrupt).contiguous();  // [text_len, dim] float
   ++computed_;
   make_dirs(dir_);
   const auto path = path_for(prompt);

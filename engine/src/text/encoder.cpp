@@ -128,7 +128,8 @@ void TextEncoder::load(const weights::Checkpoint& checkpoint) {
 
 T5Encoder& TextEncoder::module() const { return *module_; }
 
-at::Tensor TextEncoder::encode_ids(const at::Tensor& ids, const at::Tensor& mask) const {
+at::Tensor TextEncoder::encode_ids(const at::Tensor& ids, const at::Tensor& mask,
+                                   const std::function<void()>& interrupt) const {
   if (ids.dim() > 2 || (ids.dim() == 2 && ids.size(0) != 1))
     throw TextError("encode_ids: ids must be [L] or [1, L]");
   const auto i = ids.reshape({1, -1}).to(device_, at::kLong);
@@ -144,7 +145,7 @@ at::Tensor TextEncoder::encode_ids(const at::Tensor& ids, const at::Tensor& mask
     m = mask.reshape({1, -1}).to(device_, at::kLong);
   }
   at::NoGradGuard no_grad;
-  return (*module_)->forward(i, m)[0].to(at::kCPU, at::kFloat);  // [L, dim]
+  return (*module_)->forward(i, m, interrupt)[0].to(at::kCPU, at::kFloat);  // [L, dim]
 }
 
 void TextEncoder::check_tokenizer(const Tokenizer& tokenizer) const {
@@ -157,11 +158,12 @@ void TextEncoder::check_tokenizer(const Tokenizer& tokenizer) const {
                     " ids: tokenizer and model do not belong together (umT5-XXL needs google/umt5-xxl/spiece.model)");
 }
 
-at::Tensor TextEncoder::encode(const Tokenizer& tokenizer, const std::string& prompt) const {
+at::Tensor TextEncoder::encode(const Tokenizer& tokenizer, const std::string& prompt,
+                               const std::function<void()>& interrupt) const {
   check_tokenizer(tokenizer);
   const auto tokens = tokenizer.encode(prompt);
   const auto ids = at::tensor(tokens.ids, at::kLong), mask = at::tensor(tokens.mask, at::kLong);
-  auto out = encode_ids(ids, mask);  // [text_len, dim]
+  auto out = encode_ids(ids, mask, interrupt);  // [text_len, dim]
   out.slice(0, tokens.length).zero_();
   return out;
 }

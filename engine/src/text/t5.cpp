@@ -120,10 +120,14 @@ T5EncoderImpl::T5EncoderImpl(const T5Config& c, c10::ScalarType dtype) : config(
   norm = register_module("norm", RMSNorm(c.dim, c.eps, dtype));
 }
 
-at::Tensor T5EncoderImpl::forward(const at::Tensor& ids, const at::Tensor& mask) {
+at::Tensor T5EncoderImpl::forward(const at::Tensor& ids, const at::Tensor& mask,
+                                  const std::function<void()>& between_layers) {
   auto x = at::embedding(token_embedding->weight, ids);  // [B, L, dim]
   const auto buckets = relative_position_buckets(ids.size(1), config.num_buckets, config.max_dist).to(x.device());
-  for (const auto& block : *blocks) x = block->as<BlockImpl>()->forward(x, buckets, mask);
+  for (const auto& block : *blocks) {
+    if (between_layers) between_layers();
+    x = block->as<BlockImpl>()->forward(x, buckets, mask);
+  }
   return norm(x);
 }
 

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <functional>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/pimpl.h>
@@ -82,7 +84,8 @@ class T5EncoderImpl : public torch::nn::Module {
  public:
   T5EncoderImpl(const T5Config& config, c10::ScalarType dtype);
   /// ids [B, L] int64, mask [B, L] (1 = token) or undefined -> [B, L, dim] in the model dtype.
-  at::Tensor forward(const at::Tensor& ids, const at::Tensor& mask);
+  /// `between_layers`, when set, is called before each block; it may throw to stop the pass (a cancelled load).
+  at::Tensor forward(const at::Tensor& ids, const at::Tensor& mask, const std::function<void()>& between_layers = {});
   T5Config config;
   Weight token_embedding{nullptr};
   torch::nn::ModuleList blocks{nullptr};

@@ -23,6 +23,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -123,9 +124,13 @@ class TextEncoder {
   void load(const weights::Checkpoint& checkpoint);
 
   /// ids [L] (or [1, L]) int, mask [L] (1 = token) -> [L, dim] float on the CPU (every row, padding included).
-  at::Tensor encode_ids(const at::Tensor& ids, const at::Tensor& mask) const;
+  /// `interrupt`, when set, is called before each layer (umT5-XXL: 24 on 11 GB of weights); it may throw (e.g.
+  /// Cancelled) to stop the pass.
+  at::Tensor encode_ids(const at::Tensor& ids, const at::Tensor& mask,
+                        const std::function<void()>& interrupt = {}) const;
   /// Tokenizes and encodes: [text_len, dim] float, rows >= tokens.length zero (what the DiT sees).
-  at::Tensor encode(const Tokenizer& tokenizer, const std::string& prompt) const;
+  at::Tensor encode(const Tokenizer& tokenizer, const std::string& prompt,
+                    const std::function<void()>& interrupt = {}) const;
   /// Fails with TextError when the tokenizer's ids do not fit this model's embedding (wrong tokenizer).
   void check_tokenizer(const Tokenizer& tokenizer) const;
 
@@ -148,6 +153,9 @@ struct CacheOptions {
   T5Config config;         // model shape (text_len included)
   c10::Device device = c10::kCPU;
   c10::ScalarType dtype = c10::kBFloat16;  // upstream's t5_dtype
+  /// Called before the encoder is read, after, and before each of its layers on a cache miss; it may throw (e.g.
+  /// Cancelled: an element going to NULL while the model loads) to stop the computation; nothing is cached then.
+  std::function<void()> interrupt;
 };
 
 /// Prompt embeddings on disk: <cache_dir>/<hash>.safetensors holding "context" [text_len, dim] float and metadata
