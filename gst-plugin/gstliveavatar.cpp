@@ -599,7 +599,9 @@ static void post_plan(GstLiveAvatar* self, liveavatar::Engine& engine) {
                                       G_TYPE_INT, static_cast<int>(plan.devices.size()), "precision", G_TYPE_STRING,
                                       plan.precision.c_str(), "kv-precision", G_TYPE_STRING,
                                       plan.kv_precision.c_str(), "rendezvous", G_TYPE_STRING,
-                                      plan.rendezvous.c_str(), "summary", G_TYPE_STRING, plan.summary.c_str(),
+                                      plan.rendezvous.c_str(), "companions", G_TYPE_STRING,
+                                      plan.companions.c_str(), "text-encoder", G_TYPE_STRING,
+                                      plan.text_encoder.c_str(), "summary", G_TYPE_STRING, plan.summary.c_str(),
                                       nullptr);
   gst_structure_take_value(s, "devices", &devices);
   gst_structure_take_value(s, "roles", &roles);

@@ -184,6 +184,9 @@ struct ExecutionPlan {
   std::string kv_precision;   // KV caches
   std::string rendezvous;     // "" = every rank in this process, else where the workers join
   std::vector<DevicePlan> devices;  // one per rank, rank 0 first
+  std::string companions;     // where the VAE decoder and wav2vec2 run ("cuda:3"), beside the DiT (the planner's
+                              // choice: a device without a rank, else the rank with the most room)
+  std::string text_encoder;   // where umT5 encodes the prompt ("cpu" when no device has room for it)
   std::string summary;        // one line: "stage x2 on cpu, cpu: 1.2 GiB, 1.1 GiB (fp32, KV fp32)"
 };
 

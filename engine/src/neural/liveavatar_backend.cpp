@@ -138,17 +138,19 @@ class Progress {
     in_part_ = 0;
     report();
   }
-
- private:
-  void report() const {
-    if (!callback_) return;
+  LoadProgress now() const {
     LoadProgress p;
     p.file = part_ < static_cast<int>(parts_.size()) ? parts_[static_cast<size_t>(part_)].first : "";
     p.files_done = part_;
     p.files_total = static_cast<int>(parts_.size());
     p.bytes_done = done_ + in_part_;
     p.bytes_total = total_;
-    callback_(p);
+    return p;
+  }
+
+ private:
+  void report() const {
+    if (callback_) callback_(now());
   }
   std::function<void(const LoadProgress&)> callback_;
   std::vector<std::pair<std::string, uint64_t>> parts_;
@@ -207,6 +209,11 @@ struct ParallelSetup {
   bool local_ranks = true;          // ranks 1.. are threads here (no rendezvous given), else worker processes
   runtime::Plan plan;               // the planner's bytes per device for the chosen plan
   bool checked = false;             // the bytes were checked against known free memory
+  // Where the companions run, as the planner placed them: the VAE decoder and wav2vec2 (a device without a rank,
+  // else the rank with the most room; with workers elsewhere, rank 0's device) and umT5 (the prompt phase: the
+  // device with the most room, else the host).
+  c10::Device companions = c10::kCPU;
+  c10::Device text_encoder = c10::kCPU;
 
   static ParallelSetup resolve(const EngineConfig& c, const ModelFiles& files) {
     ParallelSetup out;
@@ -238,6 +245,11 @@ struct ParallelSetup {
                   "liveavatar-plan --kv fp8)");
 
     runtime::PlanRequest request;
+    // Workers in other processes hold their stages only: this process's one device (rank 0's) runs the companions.
+    if (!c.rendezvous.empty()) {
+      request.aux.device = 0;
+      request.text_encoder.device = 0;
+    }
     const int64_t max_area = c.max_area > 0 ? c.max_area : kDefaultMaxArea;
     const Size size = c.width > 0 && c.height > 0 ? Size{c.width, c.height} : model_output_size(384, 704, max_area);
     request.width = size.width;
@@ -293,13 +305,19 @@ struct ParallelSetup {
                   " (a smaller width/height or max-area, another precision, more memory-budget or more devices "
                   "would fit; nothing was loaded)");
     out.plan = decision.plan;
+    for (size_t i = 0; i < out.plan.devices.size() && i < devices.size(); ++i) {
+      if (out.plan.devices[i].vae > 0) out.companions = devices[i];
+      if (out.plan.devices[i].text_encoder > 0) out.text_encoder = devices[i];
+    }
     const auto chosen = out.plan.parallel == runtime::Parallel::kStep    ? parallel::Plan::kStep
                         : out.plan.parallel == runtime::Parallel::kStage ? parallel::Plan::kStage
                                                                         : parallel::Plan::kSingle;
     if (request.parallel == runtime::Parallel::kAuto) {
-      // The planner's choice (posted with the plan): its ranks take the first devices.
+      // The planner's choice (posted with the plan): its ranks take the first devices (a device after them may
+      // still hold the companions: its entry stays in the plan).
       devices.erase(devices.begin() + out.plan.ranks, devices.end());
-      out.plan.devices.erase(out.plan.devices.begin() + out.plan.ranks, out.plan.devices.end());
+      while (static_cast<int64_t>(out.plan.devices.size()) > out.plan.ranks && out.plan.devices.back().role == "unused")
+        out.plan.devices.pop_back();
     }
     out.local_ranks = c.rendezvous.empty();
     try {
@@ -361,13 +379,14 @@ struct Models {
   std::unique_ptr<vae::WanVae> vae;
   std::unique_ptr<audio::AudioEncoder> audio;
   text::CacheOptions text_options;
+  LoadProgress loaded;  // the load's last progress report (everything read)
 
   Models(const EngineConfig& c, ParallelSetup parallel_setup)
       : files(ModelFiles::locate(c)), setup(std::move(parallel_setup)) {
     c10::NoGradGuard no_grad;
     Progress progress(c, files);
     progress.begin(0);
-    const c10::Device device = setup.config.devices().front();  // rank 0's: VAE, audio and text encoders too
+    const c10::Device device = setup.companions;  // the VAE and wav2vec2 (umT5: setup.text_encoder)
 
     dit_config = dit::ModelConfig::from_json_file(files.dit_config);
     dit_config.validate();
@@ -403,7 +422,7 @@ struct Models {
     text_options.checkpoint = files.t5;
     text_options.tokenizer = files.tokenizer;
     text_options.config = infer_t5_config(t5_ckpt, files.t5, dit_config.text_len);
-    text_options.device = device;
+    text_options.device = setup.text_encoder;
     // umT5 in bf16 as upstream runs it (t5_dtype), or in fp32 when everything is (precision=fp32, the golden runs).
     text_options.dtype = c.precision == "fp32" ? at::kFloat : at::kBFloat16;
     if (text_options.config.dim != dit_config.text_dim)
@@ -411,6 +430,7 @@ struct Models {
                   " wide but the DiT expects text_dim " + std::to_string(dit_config.text_dim) +
                   ": the files come from different models");
     progress.end();
+    loaded = progress.now();
   }
 };
 
@@ -450,7 +470,12 @@ class LiveAvatarBackend final : public Backend {
         seams_(test_seams()) {
     if (config.sample_rate != 16000 || config.fps_n != 25 || config.fps_d != 1)
       throw Error("backend=liveavatar runs at 16000 Hz audio and 25 fps video");
-    text::EmbeddingCache cache(models_->text_options);
+    // The prompt's embedding ends the load: on a cache miss umT5 (11 GB) is read and run. Going to NULL meanwhile
+    // cancels it between its layers (the load's progress callback throws Cancelled), as it cancels the files' reading.
+    text::CacheOptions text_options = models_->text_options;
+    if (config.on_load_progress)
+      text_options.interrupt = [callback = config.on_load_progress, at = models_->loaded] { callback(at); };
+    text::EmbeddingCache cache(text_options);
     text_context_ = cache.get_or_compute(config.prompt).to(at::kFloat);  // the encoder is freed with `cache`
     if (parallel()) connect();  // workers that do not come fail the start, not the first block
     reset();
@@ -475,8 +500,11 @@ class LiveAvatarBackend final : public Backend {
       bytes += (bytes.empty() ? "" : ", ") + d.device + " " + runtime::gib(d.bytes);
       p.devices.push_back(std::move(d));
     }
+    p.companions = setup.companions.str();
+    p.text_encoder = setup.text_encoder.str();
     p.summary = p.parallel + (setup.config.world_size() > 1 ? " x" + std::to_string(setup.config.world_size()) : "") +
-                ": " + bytes + " (DiT " + p.precision + ", KV " + p.kv_precision + ", " +
+                ": " + bytes + " (DiT " + p.precision + ", KV " + p.kv_precision + ", VAE + wav2vec2 on " +
+                p.companions + ", umT5 on " + p.text_encoder + ", " +
                 (setup.checked ? "checked against free memory" : "free memory unknown, not checked") + "; " +
                 (setup.config.world_size() == 1 ? std::string("one rank")
                  : setup.local_ranks            ? std::string("ranks as threads of this process")
@@ -693,7 +721,8 @@ class LiveAvatarBackend final : public Backend {
     if (seams_) so.rope_offsets = seams_->rope_offsets;
     so.cancelled = [this] { return cancel_ && cancel_->load(); };  // checked between denoising steps
     const auto dtype = dit().dtype();
-    const auto ref = encoded_->ref_latent.to(dtype), motion = encoded_->motion.to(dtype);
+    // From the companions' device (the VAE's) to rank 0's.
+    const auto ref = encoded_->ref_latent.to(dit().device(), dtype), motion = encoded_->motion.to(dit().device(), dtype);
     const auto text = text_context_.to(dit().device(), dtype);
     if (parallel()) {
       if (!world_ || !world_->broken().empty()) connect();
@@ -767,10 +796,13 @@ class LiveAvatarBackend final : public Backend {
 
   // Queues the VAE decode of `latents` and the copy of its frames to the host; no host synchronisation here (the
   // NaN check travels with the frames instead of syncing per block).
+  // The VAE may sit on another device than rank 0's DiT (the planner's place for the companions): the latents move
+  // there first (a small copy, ordered after the DiT's work by LibTorch's cross-device copy), then decode on that
+  // device's side stream while the DiT goes on.
   void decode_async(const at::Tensor& latents, int64_t index, DecodingBlock& out) {
     out.index = index;
-    out.latents = latents;
-    out.finite = at::isfinite(latents).all();
+    out.latents = latents.to(models_->vae->device());
+    out.finite = at::isfinite(out.latents).all();
     if (!vae_stream_) vae_stream_ = std::make_unique<cuda::SideStream>(models_->vae->device());
     vae_stream_->run([&] {
       // Upstream's real-time pipeline drops the first 3 decoded frames of the very first block (the hand-over from
