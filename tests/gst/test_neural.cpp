@@ -19,6 +19,7 @@
 #include "../tiny_checkpoint.h"
 #include "liveavatar/engine.h"
 #include "media_io.h"
+#include "neural_util.h"
 
 namespace {
 
@@ -26,28 +27,8 @@ constexpr GstClockTime kFrame = GST_SECOND / 25;
 
 using testutil::tiny;
 
-GstBuffer* portrait_buffer() {
-  static const auto img = liveavatar::io::read_png(std::string(LIVEAVATAR_ASSETS_DIR) + "/portrait.png");
-  GstBuffer* b = gst_buffer_new_memdup(img.data.data(), img.data.size());
-  GST_BUFFER_PTS(b) = 0;
-  return b;
-}
-
-GstBuffer* speech(GstClockTime pts, size_t n) {
-  GstBuffer* buf = gst_buffer_new_allocate(nullptr, n * sizeof(float), nullptr);
-  GstMapInfo m;
-  gst_buffer_map(buf, &m, GST_MAP_WRITE);
-  auto* s = reinterpret_cast<float*>(m.data);
-  const guint64 first = gst_util_uint64_scale(pts, 16000, GST_SECOND);
-  for (size_t i = 0; i < n; ++i) {
-    const double t = (first + i) / 16000.0;
-    s[i] = static_cast<float>(0.3 * std::sin(2 * M_PI * 180 * t) * (0.6 + 0.4 * std::sin(2 * M_PI * 3 * t)));
-  }
-  gst_buffer_unmap(buf, &m);
-  GST_BUFFER_PTS(buf) = pts;
-  GST_BUFFER_DURATION(buf) = gst_util_uint64_scale(n, GST_SECOND, 16000);
-  return buf;
-}
+using testutil::portrait_buffer;
+using testutil::speech;
 
 struct Frames {
   std::vector<GstClockTime> pts;

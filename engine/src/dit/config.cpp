@@ -26,6 +26,16 @@ ModelConfig ModelConfig::tiny() {
   return c;
 }
 
+ModelConfig ModelConfig::medium() {
+  ModelConfig c;
+  c.dim = 1536;
+  c.ffn_dim = 4096;
+  c.num_heads = 12;
+  c.num_layers = 12;
+  c.audio_inject_layers = {0, 3, 6, 9, 11};
+  return c;
+}
+
 ModelConfig ModelConfig::from_json_file(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw DitError(path + ": cannot open the model config (expected the checkpoint's config.json)");

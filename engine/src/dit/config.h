@@ -54,6 +54,8 @@ struct ModelConfig {
 
   /// The tiny configuration the golden fixtures use (same shape family, CPU-sized).
   static ModelConfig tiny();
+  /// About 0.5 G parameters: the 14B's structure at a twelfth of its width and depth (the benches' middle size).
+  static ModelConfig medium();
   /// Reads the fields present in an upstream config.json (diffusers format); absent fields keep their defaults.
   static ModelConfig from_json_file(const std::string& path);
   /// The same from the text of a config.json (`path` names it in errors).

@@ -106,6 +106,13 @@ struct RingWindow {
   int64_t active = 0;
 };
 
+/// The CUDA graph key of one shard's forward at denoising step `step` over ring window `window`: the shapes and the
+/// ring slots its kernels read, which is all that differs between the captured forwards of a stream.
+inline uint64_t graph_key(int64_t step, const RingWindow& window) {
+  return (static_cast<uint64_t>(step) << 56) ^ (static_cast<uint64_t>(window.start) << 28) ^
+         static_cast<uint64_t>(window.active);
+}
+
 /// A RoPE rotation as the kernels apply it: cos and sin [L, 1, D / 2] fp32. Upstream's tables are complex32, so
 /// fp32 holds every value exactly.
 struct RopeTable {
@@ -285,6 +292,11 @@ struct SessionOptions {
   /// liveavatar::Cancelled (the block is lost, the session stays usable from its last complete block).
   std::function<bool()> cancelled;
 };
+
+/// The reference RoPE offset of DiT call `call` of a stream (block-major, then step): the recorded one while there
+/// are any, else drawn from options.rope_seed and the call index (splitmix64) in [rope_offset_min, rope_offset_max].
+/// Session and every parallel plan draw through this, so their streams match call for call.
+int64_t rope_offset_of_call(const ModelConfig& config, const SessionOptions& options, int64_t call);
 
 struct BlockResult {
   at::Tensor latents;                  // [C, frames_per_block, H, W] denoised latents

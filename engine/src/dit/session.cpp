@@ -411,6 +411,16 @@ uint64_t splitmix64(uint64_t x) {
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
 }
+}  // namespace
+
+int64_t rope_offset_of_call(const ModelConfig& cfg, const SessionOptions& options, int64_t call) {
+  if (call < static_cast<int64_t>(options.rope_offsets.size())) return options.rope_offsets[static_cast<size_t>(call)];
+  const auto span = static_cast<uint64_t>(cfg.rope_offset_max - cfg.rope_offset_min + 1);
+  return cfg.rope_offset_min +
+         static_cast<int64_t>(splitmix64(options.rope_seed * 0x100000001B3ull + static_cast<uint64_t>(call)) % span);
+}
+
+namespace {
 // An Euler step from the schedule's step `from` straight to step `to` (the end of the schedule: sigma 0). With
 // to = from + 1 it computes exactly what euler_step does.
 at::Tensor euler_jump(const at::Tensor& x, const at::Tensor& velocity, const Schedule& schedule, int64_t from,
@@ -456,15 +466,7 @@ BlockResult Session::generate_block(const at::Tensor& audio, const std::optional
       const int64_t i = result.steps[j];
       const int64_t to = j + 1 < result.steps.size() ? result.steps[j + 1] : cfg.sampling_steps;
       if (j > 0) check_cancelled();
-      int64_t offset;
-      if (st.calls < static_cast<int64_t>(options_.rope_offsets.size())) {
-        offset = options_.rope_offsets[static_cast<size_t>(st.calls)];
-      } else {
-        const auto span = static_cast<uint64_t>(cfg.rope_offset_max - cfg.rope_offset_min + 1);
-        offset = cfg.rope_offset_min +
-                 static_cast<int64_t>(
-                     splitmix64(options_.rope_seed * 0x100000001B3ull + static_cast<uint64_t>(st.calls)) % span);
-      }
+      const int64_t offset = rope_offset_of_call(cfg, options_, st.calls);
       ++st.calls;
       result.rope_offsets.push_back(offset);
       const double t = st.schedule.timesteps[i].item<double>();
@@ -483,9 +485,7 @@ BlockResult Session::generate_block(const at::Tensor& audio, const std::optional
                                         &in.rope.cos,     &in.rope.sin, &in.cond_rope.cos, &in.cond_rope.sin};
         for (auto* t : inputs)
           if (t->defined() && t->device() != dev) *t = t->to(dev);
-        const uint64_t key = (static_cast<uint64_t>(i) << 56) ^ (static_cast<uint64_t>(in.window.start) << 28) ^
-                             static_cast<uint64_t>(in.window.active);
-        st.graphs[k]->run(key, inputs, &in.hidden, [&] { shards_[k]->run_layers(in, st.shards[k], i); });
+        st.graphs[k]->run(graph_key(i, in.window), inputs, &in.hidden, [&] { shards_[k]->run_layers(in, st.shards[k], i); });
       }
       const auto velocity = last.head(in).to(first.device());
       result.velocities.push_back(velocity);

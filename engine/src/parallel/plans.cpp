@@ -100,13 +100,6 @@ class VelocityReceiver {
 
 namespace {
 
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
 at::Tensor scalar_long(int64_t v) { return at::full({1}, v, at::kLong); }
 
 }  // namespace
@@ -175,14 +168,8 @@ double RankSession::busy_seconds() const { return state_->busy; }
 
 void RankSession::set_refresh_motion(const at::Tensor& motion_latents) { state_->refresh_motion = motion_latents; }
 
-// The same offsets dit::Session draws: recorded ones first, then splitmix64 of the seed and the call index.
-int64_t RankSession::rope_offset(int64_t call) const {
-  const auto& cfg = model_.config();
-  if (call < static_cast<int64_t>(options_.rope_offsets.size())) return options_.rope_offsets[static_cast<size_t>(call)];
-  const auto span = static_cast<uint64_t>(cfg.rope_offset_max - cfg.rope_offset_min + 1);
-  return cfg.rope_offset_min +
-         static_cast<int64_t>(splitmix64(options_.rope_seed * 0x100000001B3ull + static_cast<uint64_t>(call)) % span);
-}
+// The same offsets dit::Session draws.
+int64_t RankSession::rope_offset(int64_t call) const { return dit::rope_offset_of_call(model_.config(), options_, call); }
 
 void RankSession::set_condition(const at::Tensor& ref_latent, const at::Tensor& motion_latents,
                                 const at::Tensor& text_context) {

@@ -23,6 +23,7 @@
 #include "cuda/cuda.h"
 #include "dit/dit.h"
 #include "model.h"
+#include "parallel/config.h"
 #include "plot.h"
 #include "runtime/planner.h"
 
@@ -61,31 +62,17 @@ double peak_rss_bytes() {
 dit::ModelConfig config_named(const std::string& name) {
   if (name == "14b") return dit::ModelConfig{};
   if (name == "tiny") return dit::ModelConfig::tiny();
-  if (name == "medium") {
-    // About 0.5 G parameters: the 14B's structure at a twelfth of its width and depth.
-    dit::ModelConfig c;
-    c.dim = 1536;
-    c.ffn_dim = 4096;
-    c.num_heads = 12;
-    c.num_layers = 12;
-    c.audio_inject_layers = {0, 3, 6, 9, 11};
-    return c;
-  }
+  if (name == "medium") return dit::ModelConfig::medium();
   return dit::ModelConfig::from_json_file(name);
 }
 
+// The element's `devices` syntax (cpu, cpu:N, cuda:N lists), then each GPU checked to be there.
 std::vector<c10::Device> parse_device_list(const std::string& text) {
   std::vector<c10::Device> out;
-  size_t pos = 0;
-  while (pos <= text.size()) {
-    const size_t comma = text.find(',', pos);
-    const std::string item = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
-    if (item == "cpu") out.emplace_back(c10::kCPU);
-    else if (item.rfind("cuda:", 0) == 0 && item.size() > 5 && item.find_first_not_of("0123456789", 5) == std::string::npos)
-      out.emplace_back(c10::kCUDA, static_cast<c10::DeviceIndex>(std::stoi(item.substr(5))));
-    else throw Error("--devices: '" + item + "' is not a device (cpu or cuda:N)");
-    if (comma == std::string::npos) break;
-    pos = comma + 1;
+  try {
+    out = parallel::parse_devices(text);
+  } catch (const parallel::ParallelError& e) {
+    throw Error(std::string("--devices: ") + e.what());
   }
   for (const auto& d : out)
     if (d.is_cuda() && d.index() >= cuda::device_count())
@@ -411,9 +398,7 @@ int liveavatar_model_bench_main(int argc, char** argv) {
         for (int64_t i = 0; i < config.sampling_steps; ++i) {
           auto& in = steps[static_cast<size_t>(i)];
           if (args.graphs) {
-            const uint64_t key = (static_cast<uint64_t>(i) << 56) ^ (static_cast<uint64_t>(in.window.start) << 28) ^
-                                 static_cast<uint64_t>(in.window.active);
-            graphs.run(key, {&in.hidden, &in.e0, &in.audio_global, &in.audio_local, &in.rope.cos, &in.rope.sin,
+            graphs.run(dit::graph_key(i, in.window), {&in.hidden, &in.e0, &in.audio_global, &in.audio_local, &in.rope.cos, &in.rope.sin,
                              &in.cond_rope.cos, &in.cond_rope.sin},
                        &in.hidden, [&] { stage.run_layers(in, state, i); });
           } else {

@@ -78,15 +78,7 @@ double raw_read_seconds(const std::string& path, uint64_t* bytes) {
 }
 
 // A mid-sized DiT (about 0.5 G parameters, 1 GB in bf16) for the load bench: real key names and shapes.
-liveavatar::dit::ModelConfig medium_config() {
-  liveavatar::dit::ModelConfig c;
-  c.dim = 1536;
-  c.ffn_dim = 4096;
-  c.num_heads = 12;
-  c.num_layers = 12;
-  c.audio_inject_layers = {0, 3, 6, 9, 11};
-  return c;
-}
+liveavatar::dit::ModelConfig medium_config() { return liveavatar::dit::ModelConfig::medium(); }
 
 // --- The previous code path (before the layer split), kept here to measure against ----------------------------
 namespace previous {
