@@ -231,7 +231,7 @@ static GType gst_live_avatar_kv_precision_get_type(void) {
       {GST_LIVE_AVATAR_KV_PRECISION_AUTO, "As the DiT's activations (fp32 with precision=fp32, else bf16)", "auto"},
       {GST_LIVE_AVATAR_KV_PRECISION_FP32, "32-bit float KV caches", "fp32"},
       {GST_LIVE_AVATAR_KV_PRECISION_BF16, "bfloat16 KV caches", "bf16"},
-      {GST_LIVE_AVATAR_KV_PRECISION_FP8, "float8 (planned by the memory planner; not held by this engine yet)",
+      {GST_LIVE_AVATAR_KV_PRECISION_FP8, "float8 e4m3 KV caches (a quarter of fp32's bytes, saturating at 448)",
        "fp8"},
       {0, nullptr, nullptr}};
   if (g_once_init_enter(&type)) {
@@ -2071,9 +2071,9 @@ static void gst_live_avatar_class_init(GstLiveAvatarClass* klass) {
   g_object_class_install_property(
       gobject_class, PROP_KV_PRECISION,
       g_param_spec_enum("kv-precision", "KV precision",
-                        "backend=liveavatar: precision of the KV caches; auto = the DiT's activations (fp32 with "
-                        "precision=fp32, else bf16), the only one the engine holds so far (others are refused "
-                        "with what to set) (changeable in NULL/READY only)",
+                        "backend=liveavatar: storage of the KV caches (rings and sink); auto = the DiT's "
+                        "activations (fp32 with precision=fp32, else bf16); fp8 holds a quarter of fp32's bytes "
+                        "and is read back in the activations' precision (changeable in NULL/READY only)",
                         GST_TYPE_LIVE_AVATAR_KV_PRECISION, DEFAULT_KV_PRECISION, flags));
   g_object_class_install_property(
       gobject_class, PROP_RENDEZVOUS,

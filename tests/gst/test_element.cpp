@@ -215,7 +215,9 @@ TEST(Element, EveryPropertyHasABlurbRangeDefaultAndMutability) {
     const char* blurb = g_param_spec_get_blurb(p);
     ASSERT_TRUE(nick && *nick) << name;
     ASSERT_TRUE(blurb && std::string(blurb).size() >= 30) << name << ": blurb too short to say what it does";
-    const std::string b = g_ascii_strdown(blurb, -1);
+    gchar* lower = g_ascii_strdown(blurb, -1);
+    const std::string b = lower;
+    g_free(lower);
     EXPECT_TRUE((p->flags & G_PARAM_READABLE) && (p->flags & G_PARAM_WRITABLE)) << name;
     const bool ready = p->flags & GST_PARAM_MUTABLE_READY, playing = p->flags & GST_PARAM_MUTABLE_PLAYING,
                paused = p->flags & GST_PARAM_MUTABLE_PAUSED;

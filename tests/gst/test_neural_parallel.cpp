@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -207,6 +208,33 @@ TEST(ElementParallel, StageOverTwoCpuRanksMakesTheVideoOfSingle) {
       << plan_string(stage.plan, "summary");
 }
 
+// kv-precision=fp8 over the stage plan: every rank keeps its rings and sink K/V in float8 (a quarter of fp32's
+// bytes); the video has single's frames and timestamps, the pixels near single's (fp32 caches), and the plan says
+// which precision the caches are in.
+TEST(ElementParallel, Fp8KvCachesOnTheStagePlan) {
+  const Output& single = single_video();
+  ASSERT_EQ(single.error, "");
+  EXPECT_EQ(plan_string(single.plan, "kv-precision"), "fp32");
+  GstElement* pipe = make_pipeline("parallel=stage devices=cpu:2 kv-precision=fp8");
+  ASSERT_NE(pipe, nullptr);
+  Output fp8;
+  run_once(pipe, &fp8, kSamples);
+  gst_object_unref(pipe);
+  ASSERT_EQ(fp8.error, "");
+  ASSERT_EQ(fp8.pts.size(), single.pts.size());
+  for (size_t i = 0; i < fp8.pts.size(); ++i) EXPECT_EQ(fp8.pts[i], i * kFrame) << "frame " << i;
+  EXPECT_EQ(plan_string(fp8.plan, "kv-precision"), "fp8");
+  double mean = 0;
+  size_t count = 0;
+  for (size_t i = 0; i < fp8.data.size(); ++i)
+    for (size_t k = 0; k < fp8.data[i].size(); ++k, ++count) mean += std::abs(fp8.data[i][k] - single.data[i][k]);
+  mean /= static_cast<double>(std::max<size_t>(1, count));
+  std::printf("kv-precision=fp8 against fp32 caches: largest pixel difference %d, mean %.3f levels\n",
+              max_difference(fp8, single), mean);
+  EXPECT_GT(max_difference(fp8, single), 0) << "fp8 caches changed nothing";
+  EXPECT_LT(mean, 8.0) << "fp8 caches moved the picture too far from fp32's";
+}
+
 // The plan message of READY -> PAUSED (the engine loads there), or the error.
 std::string start_plan(const std::string& settings, GstStructure** plan) {
   GstElement* pipe = make_pipeline(settings);
@@ -267,7 +295,7 @@ TEST(ElementParallel, BadSettingsAreRefusedWithWhatToWrite) {
       {"parallel=step devices=cpu:2", "parallel=step needs one device per denoising step"},
       {"parallel=stage devices=cpu", "parallel=stage needs at least 2 ranks"},
       {"parallel=stage devices=cpu:3", "more ranks than the model has layers"},
-      {"kv-precision=fp8", "leave kv-precision=auto"},
+      {"kv-precision=fp8 parallel=step devices=cpu:2", "parallel=step needs one device per denoising step"},
       {"parallel=single rendezvous=127.0.0.1:29511", "clear rendezvous"},
   };
   for (const auto& c : cases) {

@@ -125,8 +125,8 @@ struct EngineConfig {
   // other hosts) that join rank 0, this engine, at that address.
   std::string parallel = "single";  // auto (the memory planner's choice) | single | step | stage
   std::string devices;              // one device per rank: "cpu:2" (two CPU ranks), "cuda:0,cuda:1"; "" = `device`
-  std::string kv_precision = "auto";  // the KV caches' precision; auto = the DiT's activations (fp32 with fp32
-                                      // weights, else bf16), the only one this engine holds them in so far
+  std::string kv_precision = "auto";  // the KV caches' storage: auto = the DiT's activations (fp32 with fp32
+                                      // weights, else bf16) | fp32 | bf16 | fp8 (e4m3, read back converted)
   std::string rendezvous;           // "" = every rank in this process; "host:port" where rank 0 hosts the c10d store
   int parallel_timeout_ms = 30000;  // longest wait for another rank; then the stream fails naming that rank
 

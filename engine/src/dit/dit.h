@@ -74,7 +74,9 @@ struct LayerKV {
 };
 
 /// Per-layer ring cache of the roped keys / values of one denoising step (capacity = clip_frames latent frames).
-/// `layers` is indexed by global layer; a shard fills only its own.
+/// `layers` is indexed by global layer; a shard fills only its own. The tensors are in the stream's KV dtype
+/// (SessionOptions::kv_dtype: the model dtype, or fp32 / bf16 / float8_e4m3fn to store them narrower or wider);
+/// attention reads them back in the model dtype. FP8 stores saturate at +-448 (e4m3's largest finite value).
 struct KVCache {
   std::vector<LayerKV> layers;
   int64_t capacity = 0;  // tokens
@@ -97,7 +99,12 @@ struct CondCache {
   std::vector<LayerKV> layers;
   std::vector<RopeSegment> segments;
   int64_t tokens = 0;
+  c10::ScalarType dtype = c10::ScalarType::Undefined;  // storage of `layers` (Undefined: the model dtype)
 };
+
+/// `x` as KV storage of `dtype` (Undefined: x itself): float8_e4m3fn saturates at +-448 first (a plain cast would
+/// turn a larger value into NaN).
+at::Tensor to_kv_storage(const at::Tensor& x, c10::ScalarType dtype);
 
 /// Where a block of `seq` tokens at absolute token `current_start` goes in a ring of `capacity` tokens, and how many
 /// ring rows it attends to (upstream: the prefix while filling, the whole ring once wrapped).
@@ -246,8 +253,9 @@ class Model {
   // --- Stage API: one call = prepare (first shard) -> run_layers (each shard, in layer order) -> head (last) -----
   /// text [L <= text_len, text_dim] -> [1, text_len, dim] (embeddings).
   at::Tensor embed_text(const at::Tensor& text) const;
-  /// An empty state for this model's layers, rings sized for `frame_tokens` tokens per latent frame.
-  StreamState new_state(int64_t frame_tokens) const;
+  /// An empty state for this model's layers, rings sized for `frame_tokens` tokens per latent frame, KV stored in
+  /// `kv_dtype` (Undefined: the model dtype; see SessionOptions::kv_dtype).
+  StreamState new_state(int64_t frame_tokens, c10::ScalarType kv_dtype = c10::ScalarType::Undefined) const;
   /// Caches the text cross-attention K/V of this model's layers (once per stream).
   void set_text(const at::Tensor& context_emb, StreamState& state) const;
   /// ref [C, 1, H, W], motion [C, T <= 19, H, W] -> the conditioning tokens (embeddings).
@@ -288,6 +296,9 @@ struct SessionOptions {
   /// Replay each shard's per-step forward as a CUDA graph keyed by (step, ring slot) when the shard is on a GPU
   /// (captured on the second call of a key; eager if capture fails, see Session::graph_status()).
   bool cuda_graphs = false;
+  /// Storage of the KV rings and the sink's K/V: Undefined = the model dtype; kFloat, kBFloat16 or
+  /// kFloat8_e4m3fn (half of bf16's bytes; attention converts back to the model dtype as it reads).
+  c10::ScalarType kv_dtype = c10::ScalarType::Undefined;
   /// Asked between denoising steps and between shards; returning true stops generate_block / set_condition with
   /// liveavatar::Cancelled (the block is lost, the session stays usable from its last complete block).
   std::function<bool()> cancelled;

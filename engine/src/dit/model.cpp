@@ -216,6 +216,8 @@ void CausalWanModelS2VImpl::prefill_layers(int64_t first, int64_t last, SinkInpu
     x = block->forward(x, mod, text_of(text, i), [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
       return sink_attention(q, k, v, table, slot, build_.params.attention);
     });
+    slot.k = to_kv_storage(slot.k, cache.dtype);
+    slot.v = to_kv_storage(slot.v, cache.dtype);
   }
   in.hidden = x;
 }
@@ -266,11 +268,13 @@ at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t seq = k.size(1);
   const auto rq = rope_apply(q, table).to(dtype);
   const auto rk = rope_apply(k, table).to(dtype);
-  ring.k.slice(1, window.start, window.start + seq).copy_(rk);
-  ring.v.slice(1, window.start, window.start + seq).copy_(v);
-  // The ring window and the re-roped sink as two key sets of one softmax: no per-layer copy of the ring.
-  return sdpa_two_blhd(rq, ring.k.slice(1, 0, window.active), ring.v.slice(1, 0, window.active),
-                       rope_apply(sink.k, cond_table).to(dtype), sink.v, kernel);
+  const auto stored = ring.k.scalar_type();
+  ring.k.slice(1, window.start, window.start + seq).copy_(to_kv_storage(rk, stored));
+  ring.v.slice(1, window.start, window.start + seq).copy_(to_kv_storage(v, stored));
+  // The ring window and the re-roped sink as two key sets of one softmax: no per-layer copy of the ring (unless it
+  // is stored in another dtype than the model's: then the window is read back converted).
+  return sdpa_two_blhd(rq, ring.k.slice(1, 0, window.active).to(dtype), ring.v.slice(1, 0, window.active).to(dtype),
+                       rope_apply(sink.k.to(dtype), cond_table).to(dtype), sink.v.to(dtype), kernel);
 }
 
 int64_t CausalWanModelS2VImpl::cond_rollout(int64_t current_frame, int64_t rope_offset) const {
@@ -278,14 +282,21 @@ int64_t CausalWanModelS2VImpl::cond_rollout(int64_t current_frame, int64_t rope_
   return std::max<int64_t>(0, current_frame - start_idx);
 }
 
-KVCache CausalWanModelS2VImpl::make_kv_cache(int64_t frame_tokens) const {
+KVCache CausalWanModelS2VImpl::make_kv_cache(int64_t frame_tokens, c10::ScalarType dtype) const {
   KVCache kv;
   kv.capacity = config.clip_frames * frame_tokens;
   kv.layers.resize(static_cast<size_t>(config.num_layers));
+  const auto opts = dtype == c10::ScalarType::Undefined ? options() : options().dtype(dtype);
   for (int64_t i = build_.first_layer; i < build_.last_layer; ++i)
-    kv.layers[static_cast<size_t>(i)] = {at::zeros({1, kv.capacity, config.num_heads, config.head_dim()}, options()),
-                                         at::zeros({1, kv.capacity, config.num_heads, config.head_dim()}, options())};
+    kv.layers[static_cast<size_t>(i)] = {at::zeros({1, kv.capacity, config.num_heads, config.head_dim()}, opts),
+                                         at::zeros({1, kv.capacity, config.num_heads, config.head_dim()}, opts)};
   return kv;
+}
+
+at::Tensor to_kv_storage(const at::Tensor& x, c10::ScalarType dtype) {
+  if (dtype == c10::ScalarType::Undefined || x.scalar_type() == dtype) return x;
+  if (dtype == at::kFloat8_e4m3fn) return x.clamp(-448.0, 448.0).to(dtype);
+  return x.to(dtype);
 }
 
 BlockInputs CausalWanModelS2VImpl::prepare_block(const at::Tensor& x_in, double t, const at::Tensor& cond_states,

@@ -92,7 +92,7 @@ class CausalWanModelS2VImpl : public torch::nn::Module {
   at::Tensor apply_head(const BlockInputs& in);
 
   /// An empty ring cache for `frame_tokens` tokens per latent frame (the layers this tree holds).
-  KVCache make_kv_cache(int64_t frame_tokens) const;
+  KVCache make_kv_cache(int64_t frame_tokens, c10::ScalarType dtype = c10::ScalarType::Undefined) const;
   /// Temporal RoPE shift of the reference group for a call at `current_frame` with `rope_offset`.
   int64_t cond_rollout(int64_t current_frame, int64_t rope_offset) const;
 

@@ -225,10 +225,16 @@ at::Tensor Model::embed_text(const at::Tensor& text) const {
   return module()->embed_text(text.to(device_, dtype_));
 }
 
-StreamState Model::new_state(int64_t frame_tokens) const {
+StreamState Model::new_state(int64_t frame_tokens, c10::ScalarType kv_dtype) const {
   if (frame_tokens <= 0) throw DitError("new_state: frame_tokens must be positive");
+  if (kv_dtype != c10::ScalarType::Undefined && kv_dtype != at::kFloat && kv_dtype != at::kBFloat16 &&
+      kv_dtype != at::kFloat8_e4m3fn)
+    throw DitError(std::string("new_state: KV caches are held in float32, bfloat16 or float8_e4m3fn, not ") +
+                   c10::toString(kv_dtype));
   StreamState s;
-  for (int64_t i = 0; i < config_.sampling_steps; ++i) s.rings.push_back(module()->make_kv_cache(frame_tokens));
+  s.sink.dtype = kv_dtype;
+  for (int64_t i = 0; i < config_.sampling_steps; ++i)
+    s.rings.push_back(module()->make_kv_cache(frame_tokens, kv_dtype));
   return s;
 }
 
@@ -356,7 +362,7 @@ void Session::set_condition(const at::Tensor& ref_latent, const at::Tensor& moti
   st.context_emb = first.embed_text(text_context);
   st.shards.clear();
   for (const Model* m : shards_) {
-    st.shards.push_back(m->new_state(frame_tokens));
+    st.shards.push_back(m->new_state(frame_tokens, options_.kv_dtype));
     m->set_text(st.context_emb, st.shards.back());
   }
   st.ref = ref_latent;

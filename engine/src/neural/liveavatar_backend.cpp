@@ -202,6 +202,15 @@ uint64_t host_available_bytes() {
   return 0;
 }
 
+// The KV caches' storage for kv-precision (auto: the DiT's own dtype).
+c10::ScalarType kv_dtype(const std::string& kv_precision) {
+  if (kv_precision == "auto") return c10::ScalarType::Undefined;
+  if (kv_precision == "fp32") return at::kFloat;
+  if (kv_precision == "bf16") return at::kBFloat16;
+  if (kv_precision == "fp8") return at::kFloat8_e4m3fn;
+  throw Error("kv-precision must be auto, fp32, bf16 or fp8, got " + kv_precision);
+}
+
 // The parallel settings resolved before any weight file is read: the plan (auto: the memory planner's choice), one
 // device per rank, rank 0's ParallelConfig, and the planner's bytes per device.
 struct ParallelSetup {
@@ -236,13 +245,6 @@ struct ParallelSetup {
                                                      std::to_string(cuda::device_count() - 1) + ")") +
                     "; use devices=cpu or GPUs this process sees");
     const auto weights = runtime::parse_precision(c.precision);
-    const auto activations = weights == runtime::Precision::kFp32 ? runtime::Precision::kFp32
-                                                                  : runtime::Precision::kBf16;
-    if (c.kv_precision != "auto" && c.kv_precision != runtime::to_string(activations))
-      throw Error("kv-precision=" + c.kv_precision + " is not held by this engine yet: its KV caches are in the DiT's "
-                  "activation precision (" + std::string(runtime::to_string(activations)) + " with precision=" +
-                  c.precision + "); leave kv-precision=auto (the memory planner can size fp8 caches: "
-                  "liveavatar-plan --kv fp8)");
 
     runtime::PlanRequest request;
     // Workers in other processes hold their stages only: this process's one device (rank 0's) runs the companions.
@@ -255,6 +257,10 @@ struct ParallelSetup {
     request.width = size.width;
     request.height = size.height;
     request.weights = weights;
+    if (c.kv_precision != "auto") {
+      kv_dtype(c.kv_precision);  // a clear error for a bad value
+      request.kv = runtime::parse_precision(c.kv_precision);  // else the activations' (the planner's default)
+    }
     int64_t stages = 0;
     try {
       request.parallel = runtime::parse_parallel(c.parallel, &stages);
@@ -443,7 +449,7 @@ std::shared_ptr<Models> shared_models(const EngineConfig& c) {
   if (c.precision != "fp32" && c.precision != "bf16" && c.precision != "fp8")
     throw Error("precision must be fp32, bf16 or fp8, got " + c.precision);
   const std::string key = c.model_dir + "\n" + c.lora + "\n" + c.precision + "\n" + c.device + "\n" + c.devices +
-                          "\n" + c.parallel + "\n" + c.rendezvous + "\n" + std::to_string(c.parallel_timeout_ms) +
+                          "\n" + c.parallel + "\n" + c.kv_precision + "\n" + c.rendezvous + "\n" + std::to_string(c.parallel_timeout_ms) +
                           "\n" + std::to_string(c.memory_budget) + "\n" + std::to_string(c.max_area) + "\n" +
                           std::to_string(c.width) + "x" + std::to_string(c.height);
   std::lock_guard<std::mutex> lock(mutex);
@@ -720,6 +726,7 @@ class LiveAvatarBackend final : public Backend {
     so.rope_seed = config_.seed;
     if (seams_) so.rope_offsets = seams_->rope_offsets;
     so.cancelled = [this] { return cancel_ && cancel_->load(); };  // checked between denoising steps
+    so.kv_dtype = kv_dtype(config_.kv_precision);
     const auto dtype = dit().dtype();
     // From the companions' device (the VAE's) to rank 0's.
     const auto ref = encoded_->ref_latent.to(dit().device(), dtype), motion = encoded_->motion.to(dit().device(), dtype);

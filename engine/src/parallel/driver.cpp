@@ -16,7 +16,8 @@ std::string key(int64_t n) { return "driver/" + std::to_string(n); }
 
 std::string encode_options(const dit::SessionOptions& o) {
   std::ostringstream s;
-  s << "condition " << o.seed << ' ' << o.rope_seed << ' ' << (o.roll_sink ? 1 : 0) << ' ' << o.rope_offsets.size();
+  s << "condition " << o.seed << ' ' << o.rope_seed << ' ' << (o.roll_sink ? 1 : 0) << ' '
+    << static_cast<int>(o.kv_dtype) << ' ' << o.rope_offsets.size();
   for (const auto v : o.rope_offsets) s << ' ' << v;
   return s.str();
 }
@@ -25,11 +26,13 @@ dit::SessionOptions decode_options(const std::string& text) {
   std::istringstream s(text);
   std::string word;
   dit::SessionOptions o;
-  int roll = 1;
+  int roll = 1, kv = 0;
   size_t n = 0;
-  s >> word >> o.seed >> o.rope_seed >> roll >> n;
-  if (!s || word != "condition") throw ParallelError("rank 0 sent a condition command this rank cannot read: " + text);
+  s >> word >> o.seed >> o.rope_seed >> roll >> kv >> n;
+  if (!s || word != "condition" || kv < 0 || kv >= static_cast<int>(c10::ScalarType::NumOptions) || n > (1u << 20))
+    throw ParallelError("rank 0 sent a condition command this rank cannot read: " + text.substr(0, 200));
   o.roll_sink = roll != 0;
+  o.kv_dtype = static_cast<c10::ScalarType>(kv);  // checked by Model::new_state
   o.rope_offsets.resize(n);
   for (auto& v : o.rope_offsets) s >> v;
   if (!s) throw ParallelError("rank 0 sent a condition command this rank cannot read: " + text.substr(0, 200));

@@ -210,7 +210,7 @@ void RankSession::step_set_condition(const at::Tensor& ref, const at::Tensor& mo
   st.ref = in[0];
   st.motion = in[1];
   st.frame_tokens = (st.ref.size(2) / cfg.patch_size[1]) * (st.ref.size(3) / cfg.patch_size[2]);
-  st.stream = model_.new_state(st.frame_tokens);
+  st.stream = model_.new_state(st.frame_tokens, options_.kv_dtype);
   // Only the ring of this rank's step is used: free the others.
   for (size_t i = 0; i < st.stream.rings.size(); ++i)
     if (static_cast<int>(i) != rank) st.stream.rings[i].layers.clear();
@@ -300,7 +300,7 @@ void RankSession::stage_set_condition(const at::Tensor& ref, const at::Tensor& m
   }
   if (!config_.is_last()) send_tensors(comm_, msg, rank + 1);
   st.frame_tokens = msg[1].cpu().item<int64_t>();
-  st.stream = model_.new_state(st.frame_tokens);
+  st.stream = model_.new_state(st.frame_tokens, options_.kv_dtype);
   st.capacity = st.stream.rings.front().capacity;
   model_.set_text(msg[0].to(model_.device()), st.stream);
   if (rank == 0) {
