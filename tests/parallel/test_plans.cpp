@@ -228,9 +228,13 @@ void run_pipelined(const std::string& dir, int world, const std::vector<size_t>&
 
 TEST(PlanThreads, PipelinedStageOfTwoEqualsSingle) { run_pipelined(testutil::tiny().dir, 2, {2, 3}); }
 TEST(PlanThreads, PipelinedStageOfFourEqualsSingle) { run_pipelined(four_layer_dir(), 4, {1, 4}); }
-// The step plan through the same driver (its batches run one block after the other).
+// The step plan through the same driver, pipelined: rank s runs step s of block b while rank s + 1 runs block b - 1;
+// batches of 2 and 3 (the second split at the refresh), then of 4 and 1.
 TEST(PlanThreads, DrivenStepOfFourEqualsSingle) {
   run_pipelined(testutil::tiny().dir, 4, {2, 3}, Plan::kStep);
+}
+TEST(PlanThreads, PipelinedStepOfFourInABatchOfFourEqualsSingle) {
+  run_pipelined(testutil::tiny().dir, 4, {4, 1}, Plan::kStep);
 }
 
 // A follower whose model is not rank 0's (here: another checkpoint's shape) says so instead of computing garbage.

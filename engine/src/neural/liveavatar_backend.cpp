@@ -754,11 +754,9 @@ class LiveAvatarBackend final : public Backend {
 
   void run_blocks(bool at_end) {
     const int64_t n = block_frames();
-    // The stage plan keeps one block per stage in flight when the audio of several is here (a slow model's backlog,
-    // or the end of a file), so every rank works; one block at a time otherwise.
-    const size_t batch = models_->setup.config.plan() == parallel::Plan::kStage
-                             ? static_cast<size_t>(models_->setup.config.world_size())
-                             : 1;
+    // The stage and step plans keep one block per rank in flight when the audio of several is here (a slow model's
+    // backlog, or the end of a file), so every rank works; one block at a time otherwise.
+    const size_t batch = parallel() ? static_cast<size_t>(models_->setup.config.world_size()) : 1;
     std::optional<DecodingBlock> decoding;
     try {
       while (pending_frames() >= n || (at_end && pending_frames() > 0)) {

@@ -54,7 +54,8 @@ std::string model_fingerprint(const ParallelConfig& config, const dit::Model& mo
 Channels connect_channels(const ParallelConfig& config, const Rendezvous& rendezvous) {
   Channels c;
   c.pipeline = connect_gloo(config, rendezvous, "liveavatar");
-  if (config.plan() == Plan::kStage) c.back = connect_gloo(config, rendezvous, "liveavatar-return");
+  if (config.plan() == Plan::kStage || config.plan() == Plan::kStep)
+    c.back = connect_gloo(config, rendezvous, "liveavatar-return");
   return c;
 }
 

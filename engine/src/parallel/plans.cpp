@@ -16,7 +16,7 @@
 
 namespace liveavatar::parallel {
 
-class VelocityReceiver;
+class ReturnReceiver;
 
 struct RankSession::State {
   dit::StreamState stream;               // this rank's layers: text K/V, sink K/V, rings
@@ -31,17 +31,17 @@ struct RankSession::State {
   at::Tensor clip_noise;
   int64_t noise_clip = -1;   // the clip clip_noise was drawn for
   double busy = 0;           // seconds computing
-  std::unique_ptr<VelocityReceiver> receiver;  // rank 0, pipelined stage plan
+  std::unique_ptr<ReturnReceiver> receiver;  // rank 0, pipelined stage and step plans
 };
 
-// Rank 0's receiver of the stage plan's velocities on the return channel, on a thread of its own: rank 0 sends the
-// next item down the pipeline while the last stage sends a velocity back, and Gloo's transfers wait for the
-// matching call on the other side. It posts a receive only for a velocity that is on its way (expect()), so an idle
-// stream never runs into the timeout.
-class VelocityReceiver {
+// Rank 0's receiver of what the last rank sends back on the return channel (stage: each item's velocity; step: each
+// block's denoised latents), on a thread of its own: rank 0 sends the next item down the pipeline while the last
+// rank sends back, and Gloo's transfers wait for the matching call on the other side. It posts a receive only for a
+// tensor that is on its way (expect()), so an idle stream never runs into the timeout.
+class ReturnReceiver {
  public:
-  VelocityReceiver(Communicator& back, int from) : back_(back), from_(from), thread_([this] { run(); }) {}
-  ~VelocityReceiver() {
+  ReturnReceiver(Communicator& back, int from) : back_(back), from_(from), thread_([this] { run(); }) {}
+  ~ReturnReceiver() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
@@ -101,6 +101,9 @@ class VelocityReceiver {
 namespace {
 
 at::Tensor scalar_long(int64_t v) { return at::full({1}, v, at::kLong); }
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 }  // namespace
 
@@ -191,7 +194,7 @@ dit::BlockResult RankSession::generate_block(const at::Tensor& audio) {
   at::NoGradGuard no_grad;
   if (!state_->ready) throw ParallelError("generate_block before set_condition: the sink must be prefilled first");
   if (config_.is_first() && !audio.defined()) throw ParallelError("rank 0 needs the block's audio features");
-  auto result = config_.plan() == Plan::kStep ? step_block(audio) : stage_block(audio);
+  auto result = config_.plan() == Plan::kStep ? step_block(audio, /*pipelined=*/false) : stage_block(audio);
   ++state_->block;
   return result;
 }
@@ -221,7 +224,7 @@ void RankSession::step_set_condition(const at::Tensor& ref, const at::Tensor& mo
   st.segments = sink.segments;
 }
 
-dit::BlockResult RankSession::step_block(const at::Tensor& audio) {
+dit::BlockResult RankSession::step_block(const at::Tensor& audio, bool pipelined) {
   auto& st = *state_;
   const auto& cfg = model_.config();
   const int rank = config_.rank(), world = config_.world_size();
@@ -248,6 +251,7 @@ dit::BlockResult RankSession::step_block(const at::Tensor& audio) {
       st.motion = msg[3];
     }
   }
+  const auto t0 = Clock::now();  // computing from here (the receive above is waiting)
   if (refresh) {
     // Rolling sink: every rank holds its own copy, refreshed with the first latent frame of clip 0.
     auto sink = model_.prepare_sink(st.ref, st.motion);
@@ -263,23 +267,48 @@ dit::BlockResult RankSession::step_block(const at::Tensor& audio) {
   const auto velocity = model_.head(in);
   latents = dit::euler_step(latents, velocity, st.schedule, rank);
 
+  st.busy += seconds_since(t0);
+
   dit::BlockResult result;
   result.velocities.push_back(velocity);
   result.rope_offsets.push_back(offset);
   if (rank + 1 < world) {
     std::vector<at::Tensor> msg{a, latents};
     if (refresh) msg.insert(msg.end(), {st.ref, st.motion});
+    if (rank == 0 && pipelined) st.receiver->expect();  // this block's latents come back on the return channel
     send_tensors(comm_, msg, rank + 1);
   } else if (world > 1) {
-    send_tensors(comm_, {latents}, 0);
+    send_tensors(pipelined ? *back_ : comm_, {latents}, 0);
   }
   if (rank == 0) {
-    result.latents = world > 1 ? recv_tensors(comm_, world - 1).at(0).to(model_.device()) : latents;
-    if (clip == 0 && in_clip == 0) st.ref = result.latents.slice(1, 0, 1).clone();  // the next sink's reference
+    // Pipelined, rank 0 goes on with the next block; step_pipeline_first() collects the latents.
+    if (!pipelined) {
+      result.latents = world > 1 ? recv_tensors(comm_, world - 1).at(0).to(model_.device()) : latents;
+      if (clip == 0 && in_clip == 0) st.ref = result.latents.slice(1, 0, 1).clone();  // the next sink's reference
+    }
   } else if (rank == world - 1) {
     result.latents = latents;
   }
   return result;
+}
+
+// Rank 0 of the pipelined step plan: step 0 of each block, handed to rank 1 at once, so rank s works on block b
+// while rank s + 1 works on block b - 1 (upstream's TPP steady state: one forward per block per rank); the denoised
+// latents come back from the last rank on the return channel, in block order.
+std::vector<dit::BlockResult> RankSession::step_pipeline_first(const std::vector<at::Tensor>& audio) {
+  auto& st = *state_;
+  if (!st.receiver) st.receiver = std::make_unique<ReturnReceiver>(*back_, config_.world_size() - 1);
+  std::vector<dit::BlockResult> results;
+  const int64_t first = st.block;
+  for (const auto& a : audio) {
+    results.push_back(step_block(a, /*pipelined=*/true));
+    ++st.block;
+  }
+  for (size_t k = 0; k < results.size(); ++k) {
+    results[k].latents = st.receiver->next().to(model_.device());
+    if (first + static_cast<int64_t>(k) == 0) st.ref = results[k].latents.slice(1, 0, 1).clone();  // the next sink's
+  }
+  return results;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -379,10 +408,6 @@ dit::BlockResult RankSession::stage_block(const at::Tensor& audio) {
 // Several blocks: pipelined under stage with a return channel (see plans.h), else one after the other
 // ---------------------------------------------------------------------------------------------------------------
 
-namespace {
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-}  // namespace
 
 bool RankSession::refresh_before(int64_t block) const {
   const auto& cfg = model_.config();
@@ -393,7 +418,7 @@ std::vector<dit::BlockResult> RankSession::generate_blocks(const std::vector<at:
   at::NoGradGuard no_grad;
   if (!state_->ready) throw ParallelError("generate_blocks before set_condition: the sink must be prefilled first");
   std::vector<dit::BlockResult> out;
-  const bool pipelined = config_.plan() == Plan::kStage && back_ && config_.world_size() > 1;
+  const bool pipelined = back_ && config_.world_size() > 1;
   if (!pipelined) {
     for (const auto& a : audio) out.push_back(generate_block(a));
     return out;
@@ -403,9 +428,24 @@ std::vector<dit::BlockResult> RankSession::generate_blocks(const std::vector<at:
       if (!a.defined()) throw ParallelError("rank 0 needs the audio features of every block");
   auto& st = *state_;
   for (size_t i = 0; i < audio.size();) {
-    // A batch never runs across the sink refresh: the blocks before it attend to the old sink.
+    // A batch never runs across the sink refresh: the blocks before it attend to the old sink (and, under step,
+    // the refresh needs block 0's denoised latents back on rank 0).
     size_t j = i + 1;
     while (j < audio.size() && !refresh_before(st.block + static_cast<int64_t>(j - i))) ++j;
+    if (config_.plan() == Plan::kStep) {
+      const std::vector<at::Tensor> part(audio.begin() + static_cast<std::ptrdiff_t>(i),
+                                         audio.begin() + static_cast<std::ptrdiff_t>(j));
+      if (config_.is_first()) {
+        for (auto& r : step_pipeline_first(part)) out.push_back(std::move(r));
+      } else {
+        for (const auto& a : part) {
+          out.push_back(step_block(a, /*pipelined=*/true));
+          ++st.block;
+        }
+      }
+      i = j;
+      continue;
+    }
     if (refresh_before(st.block)) {
       if (config_.is_first() && st.refresh_motion.defined()) st.motion = st.refresh_motion;
       const auto t0 = Clock::now();
@@ -432,7 +472,7 @@ std::vector<dit::BlockResult> RankSession::stage_pipeline_first(const std::vecto
   const int world = config_.world_size();
   const int64_t per_clip = cfg.clip_frames / cfg.frames_per_block;
   const size_t k_blocks = audio.size();
-  if (!st.receiver) st.receiver = std::make_unique<VelocityReceiver>(*back_, world - 1);
+  if (!st.receiver) st.receiver = std::make_unique<ReturnReceiver>(*back_, world - 1);
   std::vector<dit::BlockResult> results(k_blocks);
   std::vector<at::Tensor> latents(k_blocks), a(k_blocks);
   std::vector<int64_t> current(k_blocks);

@@ -30,6 +30,17 @@
 //               (0,0) (1,0) (0,1) (1,1) ...
 //                     (0,0) (1,0) (0,1) (1,1) ...       velocity of (b,s) -> rank 0 -> Euler -> (b,s+1)
 //
+// Pipelining (step, with a return channel): rank 0 runs step 0 of each block of the batch and hands it to rank 1
+// at once; rank s runs step s of the blocks in order as they come, so with K >= N blocks rank s works on block b
+// while rank s + 1 works on block b - 1 (upstream's TPP: one forward per block per rank in the steady state). The
+// last rank sends each block's denoised latents back on the return channel. The refresh before clip 1 starts a
+// batch of its own here too (rank 0 needs block 0's latents for the new reference).
+//
+//   time ->     rank 0: (0,0) (1,0) (2,0) (3,0)
+//               rank 1:       (0,1) (1,1) (2,1) (3,1)
+//               rank 2:             (0,2) (1,2) (2,2) (3,2)
+//               rank 3:                   (0,3) (1,3) (2,3) (3,3) -> latents of each block back to rank 0
+//
 // Thread-safety: a RankSession is used by one thread; the Model may be shared (it is immutable).
 #pragma once
 
@@ -74,7 +85,9 @@ class RankSession {
   void check_model() const;
   int64_t rope_offset(int64_t call) const;
   void step_set_condition(const at::Tensor& ref, const at::Tensor& motion, const at::Tensor& text);
-  dit::BlockResult step_block(const at::Tensor& audio);
+  /// `pipelined`: the last rank sends the latents back on the return channel and rank 0 does not wait for them.
+  dit::BlockResult step_block(const at::Tensor& audio, bool pipelined);
+  std::vector<dit::BlockResult> step_pipeline_first(const std::vector<at::Tensor>& audio);
   void stage_set_condition(const at::Tensor& ref, const at::Tensor& motion, const at::Tensor& text);
   void stage_prefill(const at::Tensor& ref, const at::Tensor& motion);
   dit::BlockResult stage_block(const at::Tensor& audio);
