@@ -64,6 +64,25 @@ TEST(ModelConfig, MissingFileIsAnActionableError) {
   }
 }
 
+// A number that does not fit an integer field (found by the model_config fuzzer: 2.9e40 in audio_inject_layers was
+// cast to int64_t, undefined behaviour) or a fraction is refused as a wrong type, naming the value.
+TEST(ModelConfig, NumbersThatDoNotFitAnIntegerFieldAreRefused) {
+  const std::vector<std::string> bad = {R"({"dim": 2.9e53})", R"({"num_layers": 40.5})",
+                                        R"({"audio_inject_layers": [0, 29111111111111111111111111111111111111111]})",
+                                        R"({"ffn_dim": 18446744073709551615})", R"({"patch_size": [1, 2.5, 2]})",
+                                        R"({"num_heads": "40"})"};
+  for (const auto& text : bad) {
+    try {
+      ModelConfig::from_json_text(text, "config.json");
+      ADD_FAILURE() << text << " was accepted";
+    } catch (const DitError& e) {
+      EXPECT_NE(std::string(e.what()).find("config.json: a field has the wrong type"), std::string::npos)
+          << text << " -> " << e.what();
+    }
+  }
+  EXPECT_EQ(ModelConfig::from_json_text(R"({"dim": 5120, "eps": 1})", "config.json").eps, 1.0);
+}
+
 TEST(Weights, FixtureCheckpointLoadsStrictly) {
   if (!have_fixture("weights.safetensors")) GTEST_SKIP() << "no fixture weights";
   EXPECT_NO_THROW(load_fixture_model());

@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "audio/audio_encoder.h"
+#include "weights/json_field.h"
 
 namespace liveavatar::audio {
 namespace {
@@ -50,7 +51,7 @@ Wav2Vec2Config Wav2Vec2Config::from_json_file(const std::string& path) {
   Wav2Vec2Config c;
   try {
     auto get = [](const nlohmann::json& src, const char* key, auto& field) {
-      if (src.contains(key) && !src[key].is_null()) field = src[key].get<std::decay_t<decltype(field)>>();
+      if (src.contains(key) && !src[key].is_null()) weights::read_json_field(src[key], field);
     };
     get(j, "hidden_size", c.hidden_size);
     get(j, "num_hidden_layers", c.num_hidden_layers);

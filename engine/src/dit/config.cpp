@@ -8,6 +8,7 @@
 #include <set>
 
 #include "dit/config.h"
+#include "weights/json_field.h"
 
 namespace liveavatar::dit {
 
@@ -60,7 +61,7 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
   ModelConfig c;
   try {
     auto get = [&](const char* key, auto& field) {
-      if (j.contains(key) && !j[key].is_null()) field = j[key].get<std::decay_t<decltype(field)>>();
+      if (j.contains(key) && !j[key].is_null()) weights::read_json_field(j[key], field);
     };
     get("dim", c.dim);
     get("ffn_dim", c.ffn_dim);
@@ -79,7 +80,8 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
     get("adain_mode", c.adain_mode);
     get("eps", c.eps);
     if (j.contains("patch_size")) {
-      const auto p = j["patch_size"].get<std::vector<int64_t>>();
+      std::vector<int64_t> p;
+      weights::read_json_field(j["patch_size"], p);
       if (p.size() != 3) throw DitError(path + ": patch_size must have 3 entries");
       c.patch_size = {p[0], p[1], p[2]};
     }
@@ -93,7 +95,9 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
     require("zero_timestep", true);
     if (j.contains("framepack_drop_mode") && j["framepack_drop_mode"] != "padd")
       throw DitError(path + ": framepack_drop_mode must be \"padd\" (all motion buckets are used)");
-  } catch (const nlohmann::json::exception& e) {
+  } catch (const DitError&) {
+    throw;
+  } catch (const std::exception& e) {  // nlohmann's type errors, read_json_field's range errors
     throw DitError(path + ": a field has the wrong type: " + e.what());
   }
   try {

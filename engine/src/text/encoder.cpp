@@ -5,6 +5,7 @@
 
 #include <fstream>
 
+#include "weights/json_field.h"
 #include "weights/weights.h"
 #include "t5.h"
 
@@ -39,7 +40,7 @@ T5Config T5Config::from_json_file(const std::string& path) {
   T5Config c;
   try {
     auto get = [&](const char* key, auto& field) {
-      if (j.contains(key) && !j[key].is_null()) field = j[key].get<std::decay_t<decltype(field)>>();
+      if (j.contains(key) && !j[key].is_null()) weights::read_json_field(j[key], field);
     };
     get("vocab_size", c.vocab_size);
     get("vocab", c.vocab_size);
