@@ -237,6 +237,44 @@ TEST(PlanThreads, PipelinedStepOfFourInABatchOfFourEqualsSingle) {
   run_pipelined(testutil::tiny().dir, 4, {4, 1}, Plan::kStep);
 }
 
+// Cancelled in the middle of a pipelined batch (the element flushing or stopping): rank 0 stops issuing after the
+// n-th question, the work in flight finishes, the followers leave the stream, generate_blocks throws Cancelled
+// within about one item's time, and the same world runs the next stream exactly as single.
+void run_cancelled_mid_batch(const std::string& dir, int world, Plan plan, int cancel_at) {
+  const auto cfg = config_of(dir);
+  const auto in = make_inputs(cfg, kBlocks);
+  const auto single = single_stream(dir, in);
+  const auto models = rank_models(dir, plan, world);
+  World w(loopback(world, 0, 60s, plan),
+          [&](int r) -> const dit::Model& { return *models[static_cast<size_t>(r)]; }, /*local_ranks=*/true);
+  auto o = options();
+  int asked = 0;
+  o.cancelled = [&asked, cancel_at] { return ++asked > cancel_at; };
+  w.leader().set_condition(in.ref, in.motion, in.text, o);
+  const std::vector<at::Tensor> four(in.audio.begin(), in.audio.begin() + 4);
+  EXPECT_THROW(w.leader().generate_blocks(four), Cancelled);
+  EXPECT_GT(asked, cancel_at) << "the cancel question was not asked";
+  EXPECT_EQ(w.broken(), "") << "a cancel must not break the world";
+  // The next stream on the same world: whole and equal to single.
+  w.leader().set_condition(in.ref, in.motion, in.text, options());
+  std::vector<dit::BlockResult> got = w.leader().generate_blocks(four);
+  for (auto& r : w.leader().generate_blocks({in.audio[4]})) got.push_back(std::move(r));
+  ASSERT_EQ(got.size(), single.size());
+  for (size_t b = 0; b < single.size(); ++b)
+    EXPECT_TRUE(close(got[b].latents, single[b].latents, "after the cancel, block " + std::to_string(b), kFp32));
+  EXPECT_EQ(w.broken(), "");
+}
+
+TEST(PlanThreads, StageCancelledMidBatchThenTheNextStreamIsWhole) {
+  run_cancelled_mid_batch(testutil::tiny().dir, 2, Plan::kStage, 6);  // 4 blocks x 4 steps: after 6 items
+}
+TEST(PlanThreads, StageCancelledBeforeTheFirstItem) {
+  run_cancelled_mid_batch(testutil::tiny().dir, 2, Plan::kStage, 0);
+}
+TEST(PlanThreads, StepCancelledMidBatchThenTheNextStreamIsWhole) {
+  run_cancelled_mid_batch(testutil::tiny().dir, 4, Plan::kStep, 2);  // after 2 of 4 blocks
+}
+
 // A follower whose model is not rank 0's (here: another checkpoint's shape) says so instead of computing garbage.
 TEST(PlanThreads, FollowerWithAnotherModelIsRefused) {
   const auto models2 = rank_models(testutil::tiny().dir, Plan::kStage, 2);

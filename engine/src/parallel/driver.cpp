@@ -104,7 +104,12 @@ std::vector<dit::BlockResult> Leader::generate_blocks(const std::vector<at::Tens
   if (back_ && !back_->broken().empty()) throw ParallelError(back_->broken());
   if (audio.empty()) return {};
   post("blocks " + std::to_string(audio.size()));
-  return session_->generate_blocks(audio);
+  try {
+    return session_->generate_blocks(audio);
+  } catch (const Cancelled&) {
+    session_.reset();  // the followers left the stream with it: the next one starts with set_condition
+    throw;
+  }
 }
 
 int64_t Leader::blocks_done() const { return session_ ? session_->blocks_done() : 0; }

@@ -54,7 +54,9 @@ class Leader {
   void set_condition(const at::Tensor& ref, const at::Tensor& motion, const at::Tensor& text,
                      const dit::SessionOptions& options);
   dit::BlockResult generate_block(const at::Tensor& audio);
-  /// Several blocks at once (stage: pipelined, every stage busy); the same results as generate_block each.
+  /// Several blocks at once (pipelined, every rank busy); the same results as generate_block each. When the
+  /// options' `cancelled` says so between items, the work in flight finishes, the followers leave the stream and
+  /// this throws Cancelled (the stream is over: set_condition starts the next).
   std::vector<dit::BlockResult> generate_blocks(const std::vector<at::Tensor>& audio);
   int64_t blocks_done() const;
   /// Posts "stop": the followers return from follow(). Idempotent.

@@ -105,6 +105,13 @@ at::Tensor scalar_long(int64_t v) { return at::full({1}, v, at::kLong); }
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
+// A pipelined batch cancelled on rank 0 (SessionOptions::cancelled): rank 0 stops issuing work and sends this marker
+// after what is in flight; each follower passes it on and leaves the batch (the stream is over: rank 0 throws
+// Cancelled, and its next command starts a new stream or stops). Stage: block inputs of this step; step: an empty
+// tensor list.
+constexpr int64_t kCancelStep = -1;
+struct FollowerCancelled {};
+
 }  // namespace
 
 RankSession::RankSession(const ParallelConfig& config, Communicator& comm, const dit::Model& model,
@@ -244,6 +251,14 @@ dit::BlockResult RankSession::step_block(const at::Tensor& audio, bool pipelined
     if (refresh && st.refresh_motion.defined()) st.motion = st.refresh_motion;
   } else {
     auto msg = recv_tensors(comm_, rank - 1);
+    if (msg.empty() && pipelined) {  // rank 0 cancelled the batch: pass it on, leave
+      if (rank + 1 < world) send_tensors(comm_, {}, rank + 1);
+      throw FollowerCancelled{};
+    }
+    if (msg.size() < 2)
+      throw ParallelError("rank " + std::to_string(rank) + " expected a block from rank " + std::to_string(rank - 1) +
+                          " and got " + std::to_string(msg.size()) + " tensors: the ranks are out of step; restart "
+                          "every rank");
     a = msg[0];
     latents = msg[1];
     if (refresh) {
@@ -300,7 +315,13 @@ std::vector<dit::BlockResult> RankSession::step_pipeline_first(const std::vector
   if (!st.receiver) st.receiver = std::make_unique<ReturnReceiver>(*back_, config_.world_size() - 1);
   std::vector<dit::BlockResult> results;
   const int64_t first = st.block;
+  bool cancelled = false;
   for (const auto& a : audio) {
+    if (options_.cancelled && options_.cancelled()) {
+      cancelled = true;
+      send_tensors(comm_, {}, 1);  // the blocks already issued finish on their ranks; the marker follows them
+      break;
+    }
     results.push_back(step_block(a, /*pipelined=*/true));
     ++st.block;
   }
@@ -308,6 +329,7 @@ std::vector<dit::BlockResult> RankSession::step_pipeline_first(const std::vector
     results[k].latents = st.receiver->next().to(model_.device());
     if (first + static_cast<int64_t>(k) == 0) st.ref = results[k].latents.slice(1, 0, 1).clone();  // the next sink's
   }
+  if (cancelled) throw Cancelled();
   return results;
 }
 
@@ -438,9 +460,14 @@ std::vector<dit::BlockResult> RankSession::generate_blocks(const std::vector<at:
       if (config_.is_first()) {
         for (auto& r : step_pipeline_first(part)) out.push_back(std::move(r));
       } else {
-        for (const auto& a : part) {
-          out.push_back(step_block(a, /*pipelined=*/true));
-          ++st.block;
+        try {
+          for (const auto& a : part) {
+            out.push_back(step_block(a, /*pipelined=*/true));
+            ++st.block;
+          }
+        } catch (const FollowerCancelled&) {
+          st.ready = false;  // the stream ends here; rank 0's next command starts another
+          return out;
         }
       }
       i = j;
@@ -457,7 +484,10 @@ std::vector<dit::BlockResult> RankSession::generate_blocks(const std::vector<at:
                                                                audio.begin() + static_cast<std::ptrdiff_t>(j)));
       for (auto& r : part) out.push_back(std::move(r));
     } else {
-      stage_pipeline_follow(j - i);
+      if (!stage_pipeline_follow(j - i)) {
+        st.ready = false;  // cancelled on rank 0: the stream ends here; rank 0's next command starts another
+        return out;
+      }
       out.resize(j);
     }
     st.block += static_cast<int64_t>(j - i);
@@ -502,8 +532,17 @@ std::vector<dit::BlockResult> RankSession::stage_pipeline_first(const std::vecto
     st.receiver->expect();
     send_block_inputs(comm_, in, 1, s);
   };
+  // Cancelled (asked before each item is issued, so with items left): the marker goes down the pipeline after the
+  // items in flight, whose velocities are still received; nothing more is issued.
+  bool cancelled = false;
+  auto cancel_now = [&] {
+    if (cancelled || !options_.cancelled || !options_.cancelled()) return cancelled;
+    cancelled = true;
+    send_block_inputs(comm_, dit::BlockInputs{}, 1, kCancelStep);
+    return true;
+  };
   std::deque<std::pair<size_t, int64_t>> in_flight;
-  for (size_t k = 0; k < k_blocks; ++k) {
+  for (size_t k = 0; k < k_blocks && !cancel_now(); ++k) {
     issue(k, 0);
     in_flight.emplace_back(k, 0);
   }
@@ -511,15 +550,17 @@ std::vector<dit::BlockResult> RankSession::stage_pipeline_first(const std::vecto
     const auto [k, s] = in_flight.front();
     in_flight.pop_front();
     const auto velocity = st.receiver->next().to(model_.device());
+    if (cancelled) continue;
     const auto t0 = Clock::now();
     results[k].velocities.push_back(velocity);
     latents[k] = dit::euler_step(latents[k], velocity, st.schedule, s);
     st.busy += seconds_since(t0);
-    if (s + 1 < cfg.sampling_steps) {
+    if (s + 1 < cfg.sampling_steps && !cancel_now()) {
       issue(k, s + 1);
       in_flight.emplace_back(k, s + 1);
     }
   }
+  if (cancelled) throw Cancelled();
   for (size_t k = 0; k < k_blocks; ++k) {
     results[k].latents = latents[k];
     if (st.block + static_cast<int64_t>(k) == 0) st.ref = latents[k].slice(1, 0, 1).clone();  // the next sink's ref
@@ -527,14 +568,18 @@ std::vector<dit::BlockResult> RankSession::stage_pipeline_first(const std::vecto
   return results;
 }
 
-void RankSession::stage_pipeline_follow(size_t blocks) {
+bool RankSession::stage_pipeline_follow(size_t blocks) {
   auto& st = *state_;
   const auto& cfg = model_.config();
   const int rank = config_.rank(), world = config_.world_size();
   const int64_t items = static_cast<int64_t>(blocks) * cfg.sampling_steps;
   for (int64_t i = 0; i < items; ++i) {
-    int64_t step = -1;
+    int64_t step = -2;
     auto in = recv_block_inputs(comm_, rank - 1, model_.device(), &step);
+    if (step == kCancelStep) {  // rank 0 cancelled the batch after the items before this one: pass it on, leave
+      if (rank + 1 < world) send_block_inputs(comm_, dit::BlockInputs{}, rank + 1, kCancelStep);
+      return false;
+    }
     if (step < 0 || step >= cfg.sampling_steps)
       throw ParallelError("rank " + std::to_string(rank) + " got an item of step " + std::to_string(step) +
                           " from rank " + std::to_string(rank - 1) + ": the ranks are out of step; restart every rank");
@@ -549,6 +594,7 @@ void RankSession::stage_pipeline_follow(size_t blocks) {
       send_tensors(*back_, {velocity}, 0);
     }
   }
+  return true;
 }
 
 }  // namespace liveavatar::parallel

@@ -93,7 +93,8 @@ class RankSession {
   dit::BlockResult stage_block(const at::Tensor& audio);
   bool refresh_before(int64_t block) const;
   std::vector<dit::BlockResult> stage_pipeline_first(const std::vector<at::Tensor>& audio);
-  void stage_pipeline_follow(size_t blocks);
+  /// False when rank 0 cancelled the batch (its marker came instead of an item).
+  bool stage_pipeline_follow(size_t blocks);
 
   ParallelConfig config_;
   Communicator& comm_;
