@@ -13,6 +13,8 @@
 
 #include "parallel/communicator.h"
 #include "parallel/config.h"
+#include "parallel/driver.h"
+#include "parallel/nccl_communicator.h"
 #include "world.h"
 
 namespace liveavatar::parallel::test {
@@ -103,6 +105,14 @@ TEST(Config, ValidatesRanksPlansAndDevices) {
   EXPECT_HAS(error_of([] { ParallelConfig::parse("stage", "cpu:2", -1); }), "outside 0..1");
   EXPECT_EQ(ParallelConfig().world_size(), 1);
   EXPECT_EQ(ParallelConfig().plan(), Plan::kSingle);
+}
+
+// The plans' channels: NCCL for a world of GPUs (when the build has it), Gloo as soon as a rank is on the CPU.
+TEST(Config, GpuWorldsTalkNcclCpuWorldsGloo) {
+  EXPECT_FALSE(uses_nccl(ParallelConfig::parse("stage", "cpu:2", 0)));
+  EXPECT_FALSE(uses_nccl(ParallelConfig::parse("stage", "cuda:0,cpu", 0)));
+  EXPECT_EQ(uses_nccl(ParallelConfig::parse("stage", "cuda:0,cuda:1", 0)), nccl_built());
+  EXPECT_EQ(uses_nccl(ParallelConfig::parse("step", "cuda:0,cuda:1,cuda:2,cuda:3", 3)), nccl_built());
 }
 
 TEST(Config, StageLayersCoverTheModelOnce) {

@@ -1,5 +1,6 @@
 // Rank 0 drives, the other ranks follow (driver.h). SPDX-License-Identifier: LGPL-2.1-or-later
 #include "parallel/driver.h"
+#include "parallel/nccl_communicator.h"
 
 #include <ATen/ATen.h>
 
@@ -51,11 +52,21 @@ std::string model_fingerprint(const ParallelConfig& config, const dit::Model& mo
 
 // ---------------------------------------------------------------------------------------------------------------
 
+bool uses_nccl(const ParallelConfig& config) {
+  if (!nccl_built()) return false;
+  for (const auto& d : config.devices())
+    if (!d.is_cuda()) return false;
+  return true;  // ParallelConfig holds each GPU once
+}
+
 Channels connect_channels(const ParallelConfig& config, const Rendezvous& rendezvous) {
+  const bool nccl = uses_nccl(config);
+  auto connect = [&](const std::string& group) {
+    return nccl ? connect_nccl(config, rendezvous, group + "-nccl") : connect_gloo(config, rendezvous, group);
+  };
   Channels c;
-  c.pipeline = connect_gloo(config, rendezvous, "liveavatar");
-  if (config.plan() == Plan::kStage || config.plan() == Plan::kStep)
-    c.back = connect_gloo(config, rendezvous, "liveavatar-return");
+  c.pipeline = connect("liveavatar");
+  if (config.plan() == Plan::kStage || config.plan() == Plan::kStep) c.back = connect("liveavatar-return");
   return c;
 }
 

@@ -80,11 +80,14 @@ class Leader {
 void follow(const ParallelConfig& config, const Rendezvous& rendezvous, Communicator& comm, Communicator* back,
             const dit::Model& model, const std::atomic<bool>* stop = nullptr);
 
-/// Every rank of a world connects these two, in this order: the pipeline and the return channel (stage).
+/// Every rank of a world connects these two, in this order: the pipeline and the return channel (step, stage).
+/// NCCL when every rank is on a GPU (uses_nccl: tensors stay on the devices), else Gloo (tensors cross through host
+/// memory).
 struct Channels {
   std::unique_ptr<Communicator> pipeline;
-  std::unique_ptr<Communicator> back;  // stage plan only
+  std::unique_ptr<Communicator> back;
 };
+bool uses_nccl(const ParallelConfig& config);
 Channels connect_channels(const ParallelConfig& config, const Rendezvous& rendezvous);
 
 /// Rank 0's world: hosts the rendezvous, starts the ranks this process holds as threads (each with its model),
