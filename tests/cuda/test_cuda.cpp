@@ -309,6 +309,22 @@ TEST_F(Gpu, FourStageShardsEqualTheSingleModel) {
   EXPECT_EQ(max_abs_diff(a, b), 0.0);
 }
 
+// kv-precision=fp8 on the GPU: the rings and the sink in float8_e4m3fn, read back in bf16; the latents stay near
+// bf16 caches' over 5 blocks (the refresh included) and the same under CUDA graphs.
+TEST_F(Gpu, Fp8KvCachesStayNearBf16Caches) {
+  const auto cfg = ModelConfig::tiny();
+  const auto in = make_inputs(cfg, 5, at::kBFloat16);
+  Model m(cfg, options_on(dev, Precision::kBf16), 4);
+  const auto base = stream(m, in);
+  SessionOptions fp8;
+  fp8.kv_dtype = at::kFloat8_e4m3fn;
+  const auto narrow = stream(m, in, fp8);
+  fp8.cuda_graphs = true;
+  const auto graphed = stream(m, in, fp8);
+  EXPECT_LT(max_abs_diff(base, narrow), 5e-2 * max_abs(base));
+  EXPECT_LT(max_abs_diff(narrow, graphed), 1e-2 * max_abs(base));
+}
+
 TEST_F(Gpu, AttentionKernelsAgreeWithMath) {
   const auto cfg = ModelConfig::tiny();
   const auto in = make_inputs(cfg, 3, at::kBFloat16);
