@@ -5,6 +5,7 @@
 #include <c10/core/GradMode.h>
 #include <sys/mman.h>
 
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -182,6 +183,16 @@ void load_streaming(CausalWanModelS2VImpl& module, const weights::Checkpoint& ck
     weights::read_file_range(*range, bounce.data_ptr());
     return bounce.slice(0, 0, bytes).view(view.scalar_type()).view(view.sizes());
   };
+  // A LoRA factor (or full weight) or an FP8 scale read from its file into memory of its own. Also by pread, not by
+  // page faults on the mapping: a file cut short while the model loads is then an error ("the file shrank"), where
+  // touching the mapping past the new end would kill the process with SIGBUS.
+  auto read_copy = [&](const at::Tensor& view) -> at::Tensor {
+    const auto range = options.read_files && view.defined() ? weights::file_range(view) : std::nullopt;
+    if (!range) return view;
+    at::Tensor t = at::empty(view.sizes(), view.options());
+    weights::read_file_range(*range, t.data_ptr());
+    return t;
+  };
   for (const Source& s : plan) {
     at::Tensor target = params[s.param];
     const at::Tensor& view = ck.tensors.at(s.key);
@@ -196,8 +207,12 @@ void load_streaming(CausalWanModelS2VImpl& module, const weights::Checkpoint& ck
         at::Tensor value = src;
         const auto lit = lora.find(s.key);
         if (lit != lora.end()) {
+          weights::LoraPatch patch = lit->second;
+          patch.a = read_copy(patch.a);
+          patch.b = read_copy(patch.b);
+          patch.full = read_copy(patch.full);
           const int64_t cols = src.dim() == 2 ? src.size(1) : 1;
-          value = weights::apply_lora(src.to(dev), lit->second,
+          value = weights::apply_lora(src.to(dev), patch,
                                       src.numel() > kLoraChunkElements ? std::max<int64_t>(1, kLoraChunkElements / cols)
                                                                        : 0);
         }
@@ -220,7 +235,7 @@ void load_streaming(CausalWanModelS2VImpl& module, const weights::Checkpoint& ck
                                       mod + " is stored as FP8 in the checkpoint: merge the LoRA before FP8 "
                                             "conversion (load the bf16 checkpoint with precision fp8 instead)");
         target.copy_(src);
-        params[mod + ".weight_scale"].copy_(ck.tensors.at(mod + ".weight_scale"));
+        params[mod + ".weight_scale"].copy_(read_copy(ck.tensors.at(mod + ".weight_scale")));
         break;
       }
       case Source::kDequantize: {
@@ -229,7 +244,7 @@ void load_streaming(CausalWanModelS2VImpl& module, const weights::Checkpoint& ck
           throw weights::WeightsError(options.lora->files.empty() ? "" : options.lora->files.front(),
                                       mod + " is stored as FP8 in the checkpoint: merge the LoRA before FP8 "
                                             "conversion");
-        const auto& scale = ck.tensors.at(mod + ".weight_scale");
+        const auto scale = read_copy(ck.tensors.at(mod + ".weight_scale"));
         target.copy_(src.to(dev).to(at::kFloat) * (scale.dim() == 0 ? scale : scale.unsqueeze(1)).to(dev));
         break;
       }

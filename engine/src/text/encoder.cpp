@@ -10,6 +10,26 @@
 #include "t5.h"
 
 namespace liveavatar::text {
+namespace {
+
+// Weights loaded on the CPU are views of the checkpoint's file mapping (no copy before an upload to a device). An
+// encoder that stays on the CPU runs on them for a whole prompt, and a page of the file cut short meanwhile would
+// kill the process with SIGBUS: they are read into memory of their own instead, by pread, so a file cut short is
+// an error ("the file shrank"). The same bytes in anonymous memory instead of page cache, while the encoder lives.
+void read_mapped_weights(torch::nn::Module& module) {
+  c10::NoGradGuard no_grad;
+  auto own = [](at::Tensor t) {
+    const auto range = weights::file_range(t);
+    if (!range) return;
+    at::Tensor copy = at::empty(t.sizes(), t.options());
+    weights::read_file_range(*range, copy.data_ptr());
+    t.set_data(copy);
+  };
+  for (auto& p : module.parameters(/*recurse=*/true)) own(p);
+  for (auto& b : module.buffers(/*recurse=*/true)) own(b);
+}
+
+}  // namespace
 
 T5Config T5Config::tiny() {
   T5Config c;
@@ -116,6 +136,8 @@ TextEncoder TextEncoder::from_file(const std::string& checkpoint, const T5Config
   if (!device.is_cpu()) {
     (*encoder.module_)->to(device);
     encoder.device_ = device;
+  } else {
+    read_mapped_weights(**encoder.module_);
   }
   return encoder;
 }

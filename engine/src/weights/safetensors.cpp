@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -368,15 +369,25 @@ void save_safetensors(const std::string& path, const std::map<std::string, at::T
   if (!f) throw WeightsError(path, std::string("cannot create: ") + std::strerror(errno));
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(h.size()) >> (8 * i));
+  int err = 0;  // the first failure's errno, named in the error (ENOSPC: the disk is full)
   bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(h.data(), 1, h.size(), f) == h.size();
+  if (!ok) err = errno;
   for (const auto& t : data) {
     if (!ok) break;
     ok = t.nbytes() == 0 || std::fwrite(t.data_ptr(), 1, t.nbytes(), f) == t.nbytes();
+    if (!ok) err = errno;
   }
-  ok = (std::fclose(f) == 0) && ok;
-  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+  if (std::fclose(f) != 0 && ok) {
+    ok = false;
+    err = errno;
+  }
+  if (ok && std::rename(tmp.c_str(), path.c_str()) != 0) {
+    ok = false;
+    err = errno;
+  }
+  if (!ok) {
     std::remove(tmp.c_str());
-    throw WeightsError(path, "write failed (disk full?)");
+    throw WeightsError(path, std::string("write failed: ") + (err ? std::strerror(err) : "unknown error"));
   }
 }
 
