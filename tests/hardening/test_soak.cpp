@@ -53,7 +53,10 @@ struct Variant {
   bool anonymous_only;   // memory measured: resident, or resident anonymous
 };
 #ifdef LIVEAVATAR_SOAK_NEURAL
-constexpr Variant kVariant{40.0, 12, 4000, 16 * 1024, true};
+// 48 MiB of slack in 40 s: the anonymous memory still moved by -10.7 % to +7.9 % (+18.4 MB) between runs on the
+// 2-core machines (glibc's per-thread arenas, LibTorch's caches), so the short form catches a leak of blocks' worth
+// of frames only; the long form (scripts/soak.sh --neural 600: -3.2 %) is the memory figure.
+constexpr Variant kVariant{40.0, 12, 4000, 48 * 1024, true};
 #else
 constexpr Variant kVariant{600.0, 1, 0, 0, false};
 #endif
