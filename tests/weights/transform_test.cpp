@@ -57,6 +57,7 @@ TEST(ModuleLoad, NamesAreTheCheckpointKeys) {
   EXPECT_EQ(linear_module_names(net), (std::vector<std::string>{"blocks.0.self_attn.q", "head.head"}));
 }
 
+// Tensors already in memory (not views of a file) are installed as they are.
 TEST(ModuleLoad, AssignIsZeroCopy) {
   Net net;
   Checkpoint ck = matching_checkpoint();
@@ -64,6 +65,63 @@ TEST(ModuleLoad, AssignIsZeroCopy) {
   EXPECT_EQ(net.blocks[0]->as<BlockImpl>()->q->weight.data_ptr(), ck.tensors["blocks.0.self_attn.q.weight"].data_ptr());
   EXPECT_EQ(net.blocks[0]->as<BlockImpl>()->scale.data_ptr(), ck.tensors["blocks.0.scale"].data_ptr());
   EXPECT_TRUE(net.head_linear->weight.requires_grad());
+}
+
+// Values that view a checkpoint file's mapping are read by pread into memory of their own: no module tensor views
+// the file afterwards (a file cut short later could not SIGBUS), in both modes.
+TEST(ModuleLoad, MappedValuesAreReadIntoMemoryOfTheirOwn) {
+  wt::TempDir dir;
+  const std::string path = dir.file("net.safetensors");
+  save_safetensors(path, matching_checkpoint().tensors);
+  for (bool assign : {true, false}) {
+    SCOPED_TRACE(assign ? "assign" : "copy");
+    Checkpoint ck = load_safetensors(path);
+    ASSERT_TRUE(file_range(ck.tensors.at("head.head.weight")).has_value());  // a view of the mapping
+    Net net;
+    load_into_module(net, ck, ModuleLoadOptions{assign, /*cast_dtype=*/false});
+    for (const auto& p : net.named_parameters()) EXPECT_FALSE(file_range(p.value()).has_value()) << p.key();
+    for (const auto& b : net.named_buffers()) EXPECT_FALSE(file_range(b.value()).has_value()) << b.key();
+    EXPECT_EQ(net.head_linear->weight[1][2].item<float>(), -1.f);
+    EXPECT_EQ(net.blocks[0]->as<BlockImpl>()->scale[2].item<float>(), 2.f);
+  }
+}
+
+// The file cut short between opening it and loading it (an interrupted copy, a disk going away): through the mapping
+// the missing bytes would read as zeros or kill the process with SIGBUS; read by pread they are an error that names
+// the file.
+TEST(ModuleLoad, FileCutShortAfterOpeningIsAnError) {
+  wt::TempDir dir;
+  const std::string path = dir.file("net.safetensors");
+  save_safetensors(path, matching_checkpoint().tensors);
+  for (bool assign : {true, false}) {
+    SCOPED_TRACE(assign ? "assign" : "copy");
+    Checkpoint ck = load_safetensors(path);
+    const auto range = file_range(ck.tensors.at("blocks.0.self_attn.q.weight"));
+    ASSERT_TRUE(range.has_value());
+    ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(range->offset)), 0);
+    Net net;
+    expect_error([&] { load_into_module(net, ck, ModuleLoadOptions{assign, /*cast_dtype=*/false}); },
+                 {path, "the file shrank"});
+    save_safetensors(path, matching_checkpoint().tensors);
+  }
+}
+
+// read_owned copies exactly what a view of a mapping shows: a slice with a storage offset, a transposed view.
+TEST(ModuleLoad, ReadOwnedKeepsShapeStridesAndValues) {
+  wt::TempDir dir;
+  const std::string path = dir.file("m.safetensors");
+  save_safetensors(path, {{"m", at::arange(24, at::kFloat).reshape({4, 6})}});
+  const Checkpoint ck = load_safetensors(path);
+  const at::Tensor m = ck.tensors.at("m");
+  for (const at::Tensor& view : {m, m.narrow(0, 1, 2), m.t(), m.narrow(1, 2, 3).t()}) {
+    const at::Tensor own = read_owned(view);
+    EXPECT_FALSE(file_range(own).has_value());
+    EXPECT_EQ(own.sizes(), view.sizes());
+    EXPECT_EQ(own.strides(), view.strides());
+    EXPECT_TRUE(at::equal(own, view));
+  }
+  const at::Tensor plain = at::ones({3});
+  EXPECT_EQ(read_owned(plain).data_ptr(), plain.data_ptr());  // not a mapping: as is
 }
 
 TEST(ModuleLoad, CopyModeKeepsTheModuleStorage) {

@@ -97,7 +97,7 @@ at::Tensor EmbeddingCache::lookup(const std::string& prompt) const {
         t == ck.tensors.end() || t->second.dim() != 2 || t->second.size(0) != options_.config.text_len ||
         t->second.size(1) != options_.config.dim)
       return {};  // another prompt or model (hash collision, changed files): recompute
-    return t->second.to(at::kFloat).clone();
+    return weights::read_owned(t->second).to(at::kFloat).clone();  // pread: a file cut short is no SIGBUS
   } catch (const weights::WeightsError&) {
     return {};  // a truncated or foreign file: recompute and overwrite
   }

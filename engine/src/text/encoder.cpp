@@ -10,27 +10,6 @@
 #include "t5.h"
 
 namespace liveavatar::text {
-namespace {
-
-// Weights loaded on the CPU are views of the checkpoint's file mapping (no copy before an upload to a device). An
-// encoder that stays on the CPU runs on them for a whole prompt, and a page of the file cut short meanwhile would
-// kill the process with SIGBUS: they are read into memory of their own instead, by pread, so a file cut short is
-// an error ("the file shrank"). The same bytes in anonymous memory instead of page cache, while the encoder lives.
-void read_mapped_weights(torch::nn::Module& module) {
-  c10::NoGradGuard no_grad;
-  auto own = [](at::Tensor t) {
-    const auto range = weights::file_range(t);
-    if (!range) return;
-    at::Tensor copy = at::empty(t.sizes(), t.options());
-    weights::read_file_range(*range, copy.data_ptr());
-    t.set_data(copy);
-  };
-  for (auto& p : module.parameters(/*recurse=*/true)) own(p);
-  for (auto& b : module.buffers(/*recurse=*/true)) own(b);
-}
-
-}  // namespace
-
 T5Config T5Config::tiny() {
   T5Config c;
   c.vocab_size = 320;
@@ -131,20 +110,16 @@ TextEncoder TextEncoder::from_file(const std::string& checkpoint, const T5Config
                     "in the LiveAvatar / Wan2.2-S2V checkpoint folder)");
   const bool st_file = checkpoint.size() >= 12 && checkpoint.compare(checkpoint.size() - 12, 12, ".safetensors") == 0;
   const auto ck = st_file ? weights::load_safetensors(checkpoint) : weights::load_pth(checkpoint);
-  TextEncoder encoder(config, c10::kCPU, dtype);
+  // Loaded where it runs: read by pread into its own memory on the CPU, or tensor by tensor onto the device (no
+  // tensor keeps viewing the file: a file cut short while a prompt is encoded cannot SIGBUS).
+  TextEncoder encoder(config, device, dtype);
   encoder.load(ck);
-  if (!device.is_cpu()) {
-    (*encoder.module_)->to(device);
-    encoder.device_ = device;
-  } else {
-    read_mapped_weights(**encoder.module_);
-  }
   return encoder;
 }
 
 void TextEncoder::load(const weights::Checkpoint& checkpoint) {
   weights::ModuleLoadOptions opts;
-  opts.assign = device_.is_cpu();  // CPU: the checkpoint tensors themselves (views of the mapping when dtypes match)
+  opts.assign = device_.is_cpu();  // CPU: the checkpoint's values in memory of their own; a device: copied in place
   opts.cast_dtype = true;
   weights::load_into_module(**module_, checkpoint, opts);
 }

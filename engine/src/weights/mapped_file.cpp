@@ -107,7 +107,10 @@ at::Tensor tensor_from_mapping(const std::shared_ptr<MappedFile>& file, uint64_t
     return at::from_blob(ptr, shape, [keep](void*) mutable { keep.reset(); }, options);
   }
   at::Tensor t = at::empty(shape, options);
-  std::memcpy(t.data_ptr(), ptr, t.nbytes());
+  if (file->mapped())
+    read_file_range({file->path(), offset, static_cast<uint64_t>(t.nbytes())}, t.data_ptr());  // no SIGBUS window
+  else
+    std::memcpy(t.data_ptr(), ptr, t.nbytes());
   if (copied) *copied = true;
   return t;
 }
@@ -128,6 +131,27 @@ std::optional<FileRange> mapped_range(const void* data, uint64_t nbytes) {
 std::optional<FileRange> file_range(const at::Tensor& view) {
   if (!view.defined() || !view.device().is_cpu() || !view.is_contiguous() || view.nbytes() == 0) return std::nullopt;
   return detail::mapped_range(view.data_ptr(), view.nbytes());
+}
+
+at::Tensor read_owned(const at::Tensor& t) {
+  if (!t.defined() || !t.device().is_cpu() || !t.has_storage() || t.numel() == 0) return t;
+  const auto& storage = t.storage();
+  const auto whole = detail::mapped_range(storage.data(), storage.nbytes());
+  if (!whole) return t;
+  // The elements the view spans: [storage_offset, storage_offset + extent), strides from the readers are >= 0.
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.stride(d) < 0) throw WeightsError(whole->path, "a tensor with a negative stride cannot be read");
+    extent += (t.size(d) - 1) * t.stride(d);
+  }
+  const uint64_t item = t.element_size();
+  const FileRange range{whole->path, whole->offset + static_cast<uint64_t>(t.storage_offset()) * item,
+                        static_cast<uint64_t>(extent) * item};
+  if (range.offset + range.size > whole->offset + whole->size)
+    throw WeightsError(whole->path, "a tensor reaches past its storage");
+  at::Tensor flat = at::empty({extent}, t.options());
+  read_file_range(range, flat.data_ptr());
+  return t.is_contiguous() ? flat.view(t.sizes()) : flat.as_strided(t.sizes(), t.strides());
 }
 
 void read_file_range(const FileRange& range, void* dst) {

@@ -27,6 +27,8 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  /// A file mapping (false: a copy of memory bytes).
+  bool mapped() const { return mapped_; }
 
  private:
   MappedFile() = default;

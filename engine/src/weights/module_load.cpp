@@ -80,11 +80,14 @@ void load_into_module(torch::nn::Module& module, const Checkpoint& checkpoint, c
   // Prepare every value first (casts and device moves can fail: out of memory), then install them all.
   torch::NoGradGuard no_grad;
   std::vector<std::pair<at::Tensor, at::Tensor>> plan;  // (module tensor, value)
+  // Values viewing a file mapping are read by pread (read_owned): with assign while preparing, otherwise one at a
+  // time while copying, so the host holds one tensor's copy at a time.
   auto prepare = [&](const std::string& key, const at::Tensor& target) {
-    const at::Tensor& src = checkpoint.tensors.at(key);
-    at::Tensor v = src;
-    if (options.assign && (src.device() != target.device() || src.scalar_type() != target.scalar_type())) {
-      v = src.to(target.device(), target.scalar_type());
+    at::Tensor v = checkpoint.tensors.at(key);
+    if (options.assign) {
+      v = read_owned(v);
+      if (v.device() != target.device() || v.scalar_type() != target.scalar_type())
+        v = v.to(target.device(), target.scalar_type());
     }
     plan.emplace_back(target, v);
   };
@@ -94,7 +97,8 @@ void load_into_module(torch::nn::Module& module, const Checkpoint& checkpoint, c
     if (options.assign) {
       tv.first.set_data(tv.second);
     } else {
-      tv.first.copy_(tv.second);
+      tv.first.copy_(read_owned(tv.second));
+      tv.second = at::Tensor();
     }
   }
 }

@@ -164,15 +164,19 @@ Layout module_layout(const torch::nn::Module& module);
 LoadReport check_layout(const Layout& expected, const Checkpoint& checkpoint, bool check_dtype = true);
 
 struct ModuleLoadOptions {
-  /// true: parameters become the checkpoint tensors (zero-copy views when dtype and device match).
-  /// false: checkpoint values are copied into the module's existing tensors (e.g. already on a GPU).
+  /// true: parameters become the checkpoint's values (read into memory of their own, cast / moved when they differ).
+  /// false: checkpoint values are copied into the module's existing tensors (e.g. already on a GPU), one at a time.
+  /// Either way values that view a file mapping are read by pread (read_owned), never through the mapping, and no
+  /// module tensor views a file afterwards: a checkpoint cut short while loading or later is an error, not SIGBUS.
   bool assign = true;
   /// Accept a checkpoint dtype that differs from the module's and cast it (otherwise a dtype mismatch is an error).
   bool cast_dtype = false;
 };
 
 /// Loads `checkpoint` into `module` by name. Validates everything first; on any missing, unexpected or mismatched
-/// key it throws WeightsError with the full report and leaves the module untouched.
+/// key it throws WeightsError with the full report and leaves the module untouched. A read that fails afterwards (a
+/// file cut short while loading) throws WeightsError too; with assign = false the module is then partly loaded and
+/// should be dropped.
 void load_into_module(torch::nn::Module& module, const Checkpoint& checkpoint, const ModuleLoadOptions& options = {});
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -229,6 +233,12 @@ std::optional<FileRange> file_range(const at::Tensor& view);
 /// loading this way leaves the process's resident memory alone). Reads the file, so in-place writes made to a
 /// mapped view are not seen. Throws WeightsError.
 void read_file_range(const FileRange& range, void* dst);
+
+/// `t` in memory of its own: a CPU tensor whose storage views a checkpoint file mapping is read by pread into a new
+/// tensor of the same shape, strides and dtype (only the bytes it spans), so nothing touches the mapping afterwards
+/// and a file cut short meanwhile is a WeightsError ("the file shrank") instead of SIGBUS; any other tensor is
+/// returned as is. Throws WeightsError.
+at::Tensor read_owned(const at::Tensor& t);
 
 /// Drops the resident pages under a CPU tensor that views a checkpoint file mapping (MADV_PAGEOUT), so reading a
 /// large checkpoint tensor by tensor keeps host memory at about one tensor; later reads fault the pages in again.
