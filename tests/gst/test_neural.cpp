@@ -375,8 +375,6 @@ void set_load_delay(GstElement* pipe, int ms) {
 // READY->PAUSED returns while the model is still loading (a worker loads it, here slowed down to 4 ms per tensor),
 // which reports its progress: START, CONTINUE with percent, bytes and files rising, COMPLETE; then the stream runs.
 TEST(ElementNeural, ModelLoadsOnAWorkerWithProgress) {
-  // Its meson test passes --gtest_filter, which outranks the sanitizer pass's GTEST_FILTER: skipped there by name.
-  if (std::getenv("LIVEAVATAR_SANITIZER_PASS")) GTEST_SKIP() << "the 1 s bound is a timing premise ASan breaks";
   const std::string dir = fresh_model_dir();
   GstElement* pipe = make_pipeline("model-dir=" + dir);
   ASSERT_NE(pipe, nullptr);
