@@ -3,7 +3,7 @@
 # meson's JUnit logs, so the GoogleTest cases inside one binary count one by one).
 #   scripts/run-tests.sh [BUILD_DIR] [meson test args...]
 # A full run (no meson test args) then runs the sanitizer pass, scripts/sanitize.sh BUILD_DIR/asan (ASan + UBSan +
-# LeakSanitizer, LibTorch parts included), whose tests are counted too. SANITIZE=0 skips it, SANITIZE=1 runs it (whole)
+# LeakSanitizer, without LibTorch), whose tests are counted too. SANITIZE=0 skips it, SANITIZE=1 runs it (whole)
 # after a run with args as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
